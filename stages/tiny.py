@@ -1,0 +1,161 @@
+"""Tiny *real* Stable Diffusion models built on the spot, for tests, demos and offline benchmarks.
+
+No weights can be downloaded here, so tests build the same component classes Stable Diffusion uses
+(UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDIM scheduler), with a few
+thousand random parameters, save them in the standard diffusers folder layout and load them back
+through :func:`diffedit.stages.model.load_model`, the code path users' checkpoints take.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# A small English vocabulary for the word-level merges of the tiny tokenizer; any other word still
+# tokenizes (into characters), as with a real BPE vocabulary.
+DEFAULT_WORDS = (
+    "a an the of and on with in photo picture image background "
+    "red green blue yellow purple orange white black gray grey cyan magenta pink brown "
+    "circle circles square squares triangle triangles star stars cross ring diamond "
+    "dog dogs cat cats fox horse bowl fruit small large big tiny"
+).split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable-unicode table of GPT-2/CLIP byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_tokenizer(out_dir: str | Path, words=DEFAULT_WORDS, model_max_length: int = 77) -> Path:
+    """Write a valid CLIP BPE tokenizer (vocab.json, merges.txt) whose merges spell out ``words``.
+
+    Every byte is in the vocabulary, so any text tokenizes; the listed words usually become single
+    tokens. Loadable with ``transformers.CLIPTokenizer.from_pretrained(out_dir)``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = list(bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    known = set(vocab_list)
+    for word in dict.fromkeys(w.lower() for w in words):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            merged = left + right
+            if merged not in known:
+                merges.append((left, right))
+                vocab_list.append(merged)
+                known.add(merged)
+            left = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": model_max_length,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+            }
+        )
+    )
+    return out
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    sample_size: int = 16,
+    prediction_type: str = "epsilon",
+    block_out_channels=(8, 16),
+    cross_attention_dim: int = 16,
+    seed: int = 0,
+    words=DEFAULT_WORDS,
+) -> Path:
+    """Build a tiny Stable-Diffusion-shaped model with random weights and save it as a diffusers folder.
+
+    ``sample_size`` is the latent size; the VAE downsamples by 2 per extra block (here 2x, so the image
+    resolution is ``2 * sample_size``). Weights are written as safetensors.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_src", words)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=2 * sample_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # Stable Diffusion 1.x's scheduler settings (scaled_linear betas, leading spacing, steps_offset 1).
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out
