@@ -1,0 +1,222 @@
+"""The three DiffEdit steps fused over a batch, and the Python API a notebook uses.
+
+    editor = diffedit.load("path/to/sd-folder")          # or a hub id; default: the shipped model
+    results = editor.edit(images, ["a red circle"], ["a blue circle"])
+    results[0].image, results[0].mask, results[0].soft_map
+
+Each image of a batch has its own prompt pair and its own seed (derived from the global seed, its key
+and its edit index), so a result never depends on the batch it was computed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import EditConfig
+from .decode import masked_ddim_decode
+from .encode import Trajectory, ddim_encode
+from .images import images_to_tensor, mask_to_image, masks_to_tensor, tensor_to_images, to_rgb
+from .mask import infer_mask, latent_mask_from_image, upsample_map
+from .model import DiffEditModel, load_model
+from .randomness import edit_seed, per_image_noise
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-ldm"
+
+
+@dataclass
+class BatchOutput:
+    edited_BCHW: torch.Tensor  # float32 in [-1, 1], at the model's resolution
+    mask_Bhw: torch.Tensor  # bool, latent resolution (inferred, or the user's mask pooled to the latent grid)
+    soft_Bhw: torch.Tensor  # float32 in [0, 1]; for a user mask, the mask itself as 0/1
+    inferred: list[bool]  # False where the user supplied the mask
+    latents_BChw: torch.Tensor  # the decoded (edited) latents
+    trajectory: Trajectory | None = None  # the encoded latents, when asked for
+
+
+def edit_batch(
+    model: DiffEditModel,
+    images_BCHW: torch.Tensor,
+    source_prompts: list[str],
+    target_prompts: list[str],
+    seeds: list[int],
+    config: EditConfig = EditConfig(),
+    masks: list[torch.Tensor | None] | None = None,
+    max_batch: int | None = None,
+    keep_trajectory: bool = False,
+) -> BatchOutput:
+    """Mask inference -> DDIM encoding -> masked DDIM decoding for B images, fused on ``model.device``.
+
+    ``images_BCHW`` are in [-1, 1] at the model's resolution; ``masks[i]``, when given, is a bool
+    mask at that resolution and skips mask inference for image i. ``max_batch`` caps the UNet's batch.
+    """
+    B = images_BCHW.shape[0]
+    if not (len(source_prompts) == len(target_prompts) == len(seeds) == B):
+        raise ValueError(
+            f"Got {B} images, {len(source_prompts)} source prompts, {len(target_prompts)} target prompts "
+            f"and {len(seeds)} seeds; they must be equal."
+        )
+    if masks is not None and len(masks) != B:
+        raise ValueError(f"Got {B} images but {len(masks)} masks; pass None for images without a mask.")
+    masks = masks if masks is not None else [None] * B
+    res = model.resolution
+    if tuple(images_BCHW.shape[1:]) != (3, res, res):
+        raise ValueError(f"`images_BCHW` must be B x 3 x {res} x {res} but is {tuple(images_BCHW.shape)}.")
+
+    # 1. Encode the images once (posterior mean) and every distinct prompt once.
+    latents_BChw = model.encode_images(images_BCHW)
+    latent_hw = tuple(latents_BChw.shape[-2:])
+    negative = config.decode.negative_prompt
+    embeds = model.encode_text(list(source_prompts) + list(target_prompts) + [negative, ""])
+    source_BLD, target_BLD = embeds[:B], embeds[B : 2 * B]
+    negative_BLD = embeds[2 * B : 2 * B + 1].expand(B, -1, -1)
+    empty_BLD = embeds[2 * B + 1 :].expand(B, -1, -1)
+
+    # 2. The mask: inferred (DiffEdit step 1) where the user gave none.
+    mask_Bhw = torch.zeros(B, *latent_hw, dtype=torch.bool, device=model.device)
+    soft_Bhw = torch.zeros(B, *latent_hw, dtype=torch.float32, device=model.device)
+    todo = [i for i, m in enumerate(masks) if m is None]
+    if todo:
+        noise = per_image_noise([seeds[i] for i in todo], (config.mask.num_samples, *latents_BChw.shape[1:]))
+        inferred = infer_mask(
+            model, latents_BChw[todo], source_BLD[todo], target_BLD[todo], noise,
+            config.mask, num_steps=config.encode.num_steps, max_batch=max_batch,
+        )
+        mask_Bhw[todo], soft_Bhw[todo] = inferred.mask_Bhw, inferred.soft_Bhw
+    given = [i for i, m in enumerate(masks) if m is not None]
+    if given:
+        pooled = latent_mask_from_image(torch.stack([masks[i] for i in given]).to(model.device), latent_hw)
+        mask_Bhw[given], soft_Bhw[given] = pooled, pooled.float()
+
+    # 3. DDIM encoding to ratio r: unconditional (the paper) or under the source prompt.
+    encode_BLD = source_BLD if config.encode.conditional else empty_BLD
+    trajectory = ddim_encode(model, latents_BChw, encode_BLD, config.encode, uncond_BLD=empty_BLD, max_batch=max_batch)
+
+    # 4. Masked DDIM decoding under the target prompt, with classifier-free guidance.
+    edited_BChw = masked_ddim_decode(
+        model, trajectory, mask_Bhw, target_BLD, negative_BLD,
+        guidance=config.decode.guidance, num_steps=config.encode.num_steps, max_batch=max_batch,
+    )
+    return BatchOutput(
+        edited_BCHW=model.decode_latents(edited_BChw),
+        mask_Bhw=mask_Bhw,
+        soft_Bhw=soft_Bhw,
+        inferred=[m is None for m in masks],
+        latents_BChw=edited_BChw,
+        trajectory=trajectory if keep_trajectory else None,
+    )
+
+
+@dataclass
+class EditResult:
+    """One edit, at the input image's own size."""
+
+    image: Image.Image  # the edited image (RGB, original width x height)
+    mask: Image.Image  # the mask used ('L', 0/255, original size)
+    soft_map: np.ndarray  # float32 h x w at latent resolution, in [0, 1]
+    mask_latent: np.ndarray  # bool h x w
+    mask_inferred: bool
+    seed: int  # the per-edit seed actually used
+    source_prompt: str
+    target_prompt: str
+    latents: torch.Tensor | None = None  # edited latents C x h x w (with keep_latents=True)
+
+    @property
+    def mask_fraction(self) -> float:
+        return float(np.asarray(self.mask).mean() / 255.0)
+
+
+def image_key(image: Image.Image) -> str:
+    """A content key for an image without one: the same picture gets the same noise wherever it is."""
+    rgb = to_rgb(image)
+    return hashlib.sha1(rgb.tobytes() + repr(rgb.size).encode()).hexdigest()
+
+
+class DiffEditor:
+    """A loaded model and an :class:`EditConfig`; edits lists of PIL images in batches."""
+
+    def __init__(self, model: DiffEditModel, config: EditConfig | None = None, batch_size: int = 8):
+        self.model = model
+        self.config = config or EditConfig.from_flat(model.recommended)
+        self.batch_size = batch_size
+
+    def edit(
+        self,
+        images: list[Image.Image],
+        source_prompts: list[str] | str,
+        target_prompts: list[str] | str,
+        *,
+        keys: list[str] | None = None,
+        seed: int = 0,
+        edit_indices: list[int] | None = None,
+        masks: list | None = None,
+        keep_latents: bool = False,
+    ) -> list[EditResult]:
+        """Edit ``images``; a single string prompt applies to every image.
+
+        ``keys`` name the samples (default: a hash of each image's pixels); with ``seed`` and
+        ``edit_indices`` they fix each edit's noise. ``masks`` (PIL or arrays, nonzero = edit; None
+        entries allowed) skip mask inference for those images.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        n = len(images)
+        sources = [source_prompts] * n if isinstance(source_prompts, str) else list(source_prompts)
+        targets = [target_prompts] * n if isinstance(target_prompts, str) else list(target_prompts)
+        keys = [image_key(im) for im in images] if keys is None else list(keys)
+        edit_indices = [0] * n if edit_indices is None else list(edit_indices)
+        masks = [None] * n if masks is None else list(masks)
+        for name, values in (("source_prompts", sources), ("target_prompts", targets), ("keys", keys),
+                             ("edit_indices", edit_indices), ("masks", masks)):
+            if len(values) != n:
+                raise ValueError(f"Got {n} images but {len(values)} {name}.")
+        results: list[EditResult] = []
+        res = self.model.resolution
+        for start in range(0, n, self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            batch_images = images[sl]
+            sizes = [to_rgb(im).size for im in batch_images]
+            seeds = [edit_seed(seed, k, e) for k, e in zip(keys[sl], edit_indices[sl])]
+            user = [None if m is None else masks_to_tensor([m], res)[0] for m in masks[sl]]
+            out = edit_batch(
+                self.model, images_to_tensor(batch_images, res).to(self.model.device), sources[sl], targets[sl],
+                seeds, self.config, masks=user,
+            )
+            edited = tensor_to_images(out.edited_BCHW, sizes)
+            mask_full = upsample_map(out.mask_Bhw, (res, res))
+            for i, size in enumerate(sizes):
+                results.append(
+                    EditResult(
+                        image=edited[i],
+                        mask=mask_to_image(mask_full[i], size),
+                        soft_map=out.soft_Bhw[i].cpu().numpy(),
+                        mask_latent=out.mask_Bhw[i].cpu().numpy(),
+                        mask_inferred=out.inferred[i],
+                        seed=seeds[i],
+                        source_prompt=sources[sl][i],
+                        target_prompt=targets[sl][i],
+                        latents=out.latents_BChw[i].cpu() if keep_latents else None,
+                    )
+                )
+        return results
+
+
+def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
+         **params) -> DiffEditor:
+    """Load a model (default: the shipped shapes model) and return a :class:`DiffEditor`.
+
+    ``params`` are edit parameters by their CLI names (``guidance=3.0``, ``encode_ratio=0.7``, ...); they
+    override the model folder's recommended defaults (``diffedit.json``), which override the paper's.
+    """
+    if model is None:
+        if not SHIPPED_MODEL.is_dir():
+            raise FileNotFoundError(f"The shipped model is not at {SHIPPED_MODEL}; pass a model folder or hub id.")
+        model = SHIPPED_MODEL
+    loaded = load_model(model, device=device, dtype=dtype)
+    config = EditConfig.from_flat(loaded.recommended, **params)
+    return DiffEditor(loaded, config, batch_size=batch_size)

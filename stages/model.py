@@ -1,0 +1,235 @@
+"""Loading a Stable Diffusion 1.x/2.x checkpoint, and the thin wrappers the DiffEdit steps call.
+
+A model is a diffusers folder in the ``model_index.json`` layout (local, or a hub id when a hub is
+reachable): ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``. Weights load from
+safetensors only; no ``trust_remote_code``: every class is named here.
+
+Shape legend: B images, L tokens, D text width, C latent channels, H x W image, h x w latent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+COMPONENTS = {
+    # folder: (weights it must hold, or None for a config-only component)
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+    "tokenizer": None,
+    "scheduler": None,
+}
+PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RECOMMENDED_DEFAULTS_FILE = "diffedit.json"  # optional: a model's own recommended edit parameters
+
+
+class ModelLoadError(ValueError):
+    """A model folder or hub id that cannot be loaded, with the reason."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`device` is cuda but torch sees no CUDA device; use --device cpu or auto.")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torch.device("cpu")) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of auto, {', '.join(DTYPES)} but is {dtype!r}.")
+    return DTYPES[dtype]
+
+
+def check_model_folder(path: Path) -> None:
+    """Refuse a folder that is incomplete or holds only pickled weights, naming what is wrong."""
+    if not path.is_dir():
+        raise ModelLoadError(f"Model folder {path} does not exist.")
+    problems = []
+    if not (path / "model_index.json").is_file():
+        problems.append("model_index.json")
+    for folder, weights in COMPONENTS.items():
+        sub = path / folder
+        if not sub.is_dir():
+            problems.append(f"{folder}/")
+            continue
+        if folder == "scheduler" and not (sub / "scheduler_config.json").is_file():
+            problems.append("scheduler/scheduler_config.json")
+        if weights is None:
+            continue
+        if not (sub / "config.json").is_file():
+            problems.append(f"{folder}/config.json")
+        if not any(sub.glob("*.safetensors")):
+            pickled = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLED_SUFFIXES)
+            if pickled:
+                raise ModelLoadError(
+                    f"{sub} holds only pickled weights ({', '.join(pickled)}); diffedit loads safetensors only, "
+                    "since unpickling can run arbitrary code. Convert them once with diffusers "
+                    "(`pipe.save_pretrained(dir, safe_serialization=True)`) from a trusted environment."
+                )
+            problems.append(f"{folder}/{weights}")
+    if problems:
+        raise ModelLoadError(f"Model folder {path} is incomplete: missing {', '.join(problems)}.")
+
+
+@dataclass
+class DiffEditModel:
+    """The loaded components, with the few model-specific conversions the steps need."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    recommended: dict = field(default_factory=dict)  # the folder's diffedit.json, if any
+    _fingerprint: str | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image size the UNet was trained at (sample_size x VAE factor)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def ddim(self):
+        """A fresh DDIM scheduler (schedulers hold state, so every call gets its own)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    def ddim_inverse(self):
+        from diffusers import DDIMInverseScheduler
+
+        return DDIMInverseScheduler.from_config(self.scheduler_config)
+
+    # -- text -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """prompts -> embeds_BLD, each distinct prompt encoded once. Too-long prompts are truncated, with a warning."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("`prompts` must be a list of strings.")
+        unique = list(dict.fromkeys(prompts))
+        max_len = self.tokenizer.model_max_length
+        ids = self.tokenizer(unique, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        full = self.tokenizer(unique, padding="longest", truncation=False, return_tensors="pt").input_ids
+        if full.shape[-1] > max_len:
+            for prompt, row in zip(unique, full):
+                if int((row != self.tokenizer.pad_token_id).sum()) > max_len:  # counts bos/eos as the model does
+                    warnings.warn(
+                        f"Prompt truncated to the text encoder's {max_len} tokens: {prompt[:80]!r}...", stacklevel=2
+                    )
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = ids.attention_mask.to(self.device)
+        embeds = self.text_encoder(ids.input_ids.to(self.device), attention_mask=attention_mask)[0]
+        index = {p: i for i, p in enumerate(unique)}
+        return embeds[[index[p] for p in prompts]].to(self.dtype)
+
+    # -- images <-> latents -----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> latents_BChw: the posterior *mean*, scaled (deterministic, no sampling)."""
+        cfg = self.vae.config
+        posterior = self.vae.encode(images_BCHW.to(self.device, self.vae.dtype)).latent_dist
+        latents = posterior.mean
+        if getattr(cfg, "shift_factor", None) is not None:
+            latents = latents - cfg.shift_factor
+        return (latents * cfg.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents_BChw: torch.Tensor) -> torch.Tensor:
+        """latents_BChw -> images in [-1, 1] (float32)."""
+        cfg = self.vae.config
+        latents = latents_BChw.to(self.vae.dtype) / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None) is not None:
+            latents = latents + cfg.shift_factor
+        return self.vae.decode(latents).sample.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def predict(self, latents: torch.Tensor, t, embeds_BLD: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
+        """The UNet's raw output (epsilon or v) for a batch, optionally in micro-batches of ``max_batch``."""
+        n = latents.shape[0]
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(n)
+        step = max_batch or n
+        outs = [
+            self.unet(latents[i : i + step], t[i : i + step], encoder_hidden_states=embeds_BLD[i : i + step]).sample
+            for i in range(0, n, step)
+        ]
+        return torch.cat(outs)
+
+    # -- identity ---------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 over every weight tensor (names, shapes, bytes) and the scheduler config: which weights made an edit."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+                for key, tensor in sorted(module.state_dict().items()):
+                    h.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+                    h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(json.dumps(self.scheduler_config, sort_keys=True, default=str).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> DiffEditModel:
+    """Load a Stable Diffusion 1.x/2.x diffusers checkpoint from a local folder or a hub id.
+
+    Epsilon and v-prediction checkpoints both work (the scheduler config says which). Raises
+    :class:`ModelLoadError` naming what is missing, or why the weights were refused.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    path = Path(model).expanduser()
+    is_local = path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1
+    if is_local:
+        check_model_folder(path)
+        source = str(path.resolve())
+    else:
+        source = str(model)  # a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    kwargs = dict(use_safetensors=True)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
+    except (OSError, EnvironmentError) as exc:
+        where = "folder" if is_local else "hub id"
+        raise ModelLoadError(
+            f"Could not load the model {where} {model!r}: {exc}".strip()
+            + ("" if is_local else f" (no local folder {path} exists, and a hub id needs network access and safetensors weights on the hub).")
+        ) from exc
+    if scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"Unsupported prediction_type {scheduler_config['prediction_type']!r}.")
+    recommended = {}
+    if is_local and (path / RECOMMENDED_DEFAULTS_FILE).is_file():
+        recommended = json.loads((path / RECOMMENDED_DEFAULTS_FILE).read_text())
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return DiffEditModel(unet, vae, text_encoder, tokenizer, scheduler_config, source, device, dtype, recommended)
