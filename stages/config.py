@@ -104,7 +104,7 @@ class EditConfig:
     @classmethod
     def from_flat(cls, values: dict | None = None, **overrides) -> "EditConfig":
         """Build from flat keys; unknown keys raise. ``None`` values mean "keep the default"."""
-        merged = {**(values or {}), **overrides}
+        merged = {**(values or {}), **{k: v for k, v in overrides.items() if v is not None}}
         unknown = sorted(set(merged) - set(_FLAT))
         if unknown:
             raise ValueError(f"Unknown edit parameter(s) {unknown}; known: {sorted(_FLAT)}.")

@@ -1,0 +1,167 @@
+"""The engine on tiny real models: batch invariance, determinism, inputs, loading."""
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffedit.stages.config import EditConfig
+from diffedit.stages.editor import DiffEditor, edit_batch, load
+from diffedit.stages.images import images_to_tensor
+from diffedit.stages.model import ModelLoadError, load_model
+from diffedit.stages.randomness import edit_seed, per_image_noise
+
+FAST = EditConfig.from_flat(steps=10, mask_samples=3)
+
+
+def random_images(n, size=(32, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_batch_invariance(tiny_model):
+    """An image edited among 4 others equals the same image edited alone, mask included.
+
+    Same noise, same mask, bitwise; the pixels agree to float32 rounding only, since batched BLAS and
+    conv kernels sum in a batch-size-dependent order (~1e-6 per UNet call), which 10 guided steps at
+    7.5 on a random model amplify to ~1e-4 (of a [-1, 1] range: 1/255 is 8e-3, so the saved 8-bit
+    images agree to within one level)."""
+    m = tiny_model
+    images = images_to_tensor(random_images(5), m.resolution)
+    sources = ["a red circle", "a dog", "a green star on a white background", "", "a cat"]
+    targets = ["a blue circle", "a cat", "a yellow star on a white background", "a square", "a dog"]
+    seeds = [edit_seed(0, f"k{i}", 0) for i in range(5)]
+    batch = edit_batch(m, images, sources, targets, seeds, FAST)
+    alone = edit_batch(m, images[2:3], sources[2:3], targets[2:3], seeds[2:3], FAST)
+    assert 0 < batch.mask_Bhw[2].float().mean() < 1
+    assert torch.equal(batch.mask_Bhw[2], alone.mask_Bhw[0])
+    torch.testing.assert_close(batch.soft_Bhw[2], alone.soft_Bhw[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(batch.latents_BChw[2], alone.latents_BChw[0], rtol=0, atol=5e-4)
+    torch.testing.assert_close(batch.edited_BCHW[2], alone.edited_BCHW[0], rtol=0, atol=5e-4)
+    # Micro-batching the UNet changes nothing either.
+    micro = edit_batch(m, images, sources, targets, seeds, FAST, max_batch=3)
+    assert torch.equal(micro.mask_Bhw, batch.mask_Bhw)
+    torch.testing.assert_close(micro.edited_BCHW, batch.edited_BCHW, rtol=0, atol=5e-4)
+
+
+def test_determinism_and_per_key_noise(tiny_model):
+    editor = DiffEditor(tiny_model, FAST)
+    image = random_images(1)[0]
+    a = editor.edit([image], "a red circle", "a blue circle", keys=["sample-1"], seed=7)[0]
+    b = editor.edit([image], "a red circle", "a blue circle", keys=["sample-1"], seed=7)[0]
+    c = editor.edit([image], "a red circle", "a blue circle", keys=["sample-2"], seed=7)[0]
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and np.array_equal(a.soft_map, b.soft_map)
+    assert a.seed != c.seed and not np.array_equal(a.soft_map, c.soft_map)
+    assert edit_seed(7, "sample-1", 0) != edit_seed(7, "sample-1", 1) != edit_seed(8, "sample-1", 0)
+    assert torch.equal(per_image_noise([5], (2, 3)), per_image_noise([5], (2, 3)))
+
+
+def test_odd_sizes_and_modes_come_back_at_their_own_size(tiny_model):
+    editor = DiffEditor(tiny_model, FAST)
+    rgb = random_images(1, size=(37, 53))[0]
+    gray = rgb.convert("L")
+    rgba = rgb.convert("RGBA")
+    tall = random_images(1, size=(9, 70))[0]
+    results = editor.edit([rgb, gray, rgba, tall], "a red circle", "a blue circle")
+    for image, result in zip([rgb, gray, rgba, tall], results):
+        assert result.image.size == image.size and result.image.mode == "RGB"
+        assert result.mask.size == image.size and result.mask.mode == "L"
+        assert result.soft_map.shape == (16, 16) and 0 <= result.soft_map.min() <= result.soft_map.max() <= 1
+
+
+def test_user_mask_skips_inference(tiny_model):
+    editor = DiffEditor(tiny_model, FAST)
+    image = random_images(1, size=(40, 40))[0]
+    user = np.zeros((40, 40), dtype=np.uint8)
+    user[10:20, 5:30] = 1
+    with_mask, without = editor.edit([image, image], "a red circle", "a blue circle", masks=[user, None], keys=["a", "a"])
+    assert not with_mask.mask_inferred and without.mask_inferred
+    got = np.asarray(with_mask.mask) > 0
+    assert got[10:20, 5:30].all()  # every user pixel is editable
+    assert got.mean() < 0.5  # and the background mostly is not
+
+
+def test_empty_and_long_prompts(tiny_model):
+    editor = DiffEditor(tiny_model, FAST)
+    image = random_images(1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        long_prompt = " ".join(["red circle"] * 60)
+        result = editor.edit([image, image], ["", long_prompt], ["a blue circle", long_prompt + " blue"])
+    assert len(result) == 2
+    assert any("truncated" in str(w.message) for w in caught)
+
+
+def test_mismatched_lengths_are_refused(tiny_model):
+    editor = DiffEditor(tiny_model, FAST)
+    with pytest.raises(ValueError, match="2 images but 3 source_prompts"):
+        editor.edit(random_images(2), ["a", "b", "c"], "x")
+    with pytest.raises(ValueError, match="must be equal"):
+        edit_batch(tiny_model, images_to_tensor(random_images(2), 32), ["a"], ["b", "c"], [1, 2], FAST)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="encode_ratio"):
+        EditConfig.from_flat(encode_ratio=1.5)
+    with pytest.raises(ValueError, match="Unknown edit parameter"):
+        EditConfig.from_flat(guidence=2.0)
+    assert EditConfig.from_flat({"guidance": 3.0}, guidance=None).decode.guidance == 3.0
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def test_load_through_public_api_uses_recommended_defaults(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (folder / "diffedit.json").write_text('{"guidance": 2.5}')
+    assert load(folder, device="cpu").config.decode.guidance == 2.5
+    assert load(folder, device="cpu", guidance=4.0).config.decode.guidance == 4.0
+
+
+def test_pickled_only_weights_are_refused(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelLoadError, match="only pickled weights"):
+        load_model(folder, device="cpu")
+
+
+def test_incomplete_folder_names_what_is_missing(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    shutil.rmtree(folder / "vae")
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"missing vae/, text_encoder/model.safetensors"):
+        load_model(folder, device="cpu")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nowhere", device="cpu")
+
+
+def test_unreachable_hub_id_gives_a_clear_error():
+    with pytest.raises(ModelLoadError, match="hub id"):
+        load_model("no-such-org/no-such-model", device="cpu")
+
+
+def test_v_prediction_and_half_precision(tmp_path):
+    from diffedit.stages.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "v", prediction_type="v_prediction")
+    model = load_model(folder, device="cpu", dtype="bf16")
+    assert model.prediction_type == "v_prediction" and model.unet.dtype == torch.bfloat16
+    result = DiffEditor(model, FAST).edit(random_images(1), "a red circle", "a blue circle")[0]
+    assert np.isfinite(result.soft_map).all() and result.image.size == (32, 32)
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(folder, device="cpu", dtype="fp8")
+
+
+def test_fingerprint_changes_with_weights(tiny_model_dir, tmp_path):
+    a = load_model(tiny_model_dir, device="cpu")
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    b = load_model(folder, device="cpu")
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        b.unet.conv_in.weight[0, 0, 0, 0] += 1
+    b._fingerprint = None
+    assert a.fingerprint() != b.fingerprint()
