@@ -49,13 +49,28 @@ def edit_batch(
     masks: list[torch.Tensor | None] | None = None,
     max_batch: int | None = None,
     keep_trajectory: bool = False,
+    pad_to: int | None = None,
 ) -> BatchOutput:
     """Mask inference -> DDIM encoding -> masked DDIM decoding for B images, fused on ``model.device``.
 
     ``images_BCHW`` are in [-1, 1] at the model's resolution; ``masks[i]``, when given, is a bool
     mask at that resolution and skips mask inference for image i. ``max_batch`` caps the UNet's batch.
+    ``pad_to`` pads a short batch (with copies of its last image, results dropped) so that a compiled
+    UNet always sees the same shapes.
     """
     B = images_BCHW.shape[0]
+    if pad_to is not None and 0 < B < pad_to:
+        extra = pad_to - B
+        masks = None if masks is None else list(masks) + [masks[-1]] * extra
+        out = edit_batch(
+            model, torch.cat([images_BCHW, images_BCHW[-1:].expand(extra, -1, -1, -1)]),
+            list(source_prompts) + [source_prompts[-1]] * extra, list(target_prompts) + [target_prompts[-1]] * extra,
+            list(seeds) + [seeds[-1]] * extra, config, masks, max_batch, keep_trajectory,
+        )
+        return BatchOutput(
+            out.edited_BCHW[:B], out.mask_Bhw[:B], out.soft_Bhw[:B], out.inferred[:B], out.latents_BChw[:B],
+            out.trajectory.select(list(range(B))) if out.trajectory is not None else None,
+        )
     if not (len(source_prompts) == len(target_prompts) == len(seeds) == B):
         raise ValueError(
             f"Got {B} images, {len(source_prompts)} source prompts, {len(target_prompts)} target prompts "

@@ -180,6 +180,16 @@ class DiffEditModel:
         ]
         return torch.cat(outs)
 
+    def compile(self, mode: str | None = None) -> "DiffEditModel":
+        """``torch.compile`` the UNet with static shapes: each distinct UNet batch size compiles once.
+
+        A job keeps its batches the same size (see ``pad_to`` in ``edit_batch``), so an actor compiles
+        three graphs (mask, encoding, decoding batches) once and reuses them. On an H100 at SD 1.5 scale
+        this took about 70 s and made the engine 1.35x faster (docs/BENCHMARKS.md).
+        """
+        self.unet = torch.compile(self.unet, dynamic=False, mode=mode)
+        return self
+
     # -- identity ---------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """sha256 over every weight tensor (names, shapes, bytes) and the scheduler config: which weights made an edit."""

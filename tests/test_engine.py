@@ -41,6 +41,10 @@ def test_batch_invariance(tiny_model):
     torch.testing.assert_close(batch.soft_Bhw[2], alone.soft_Bhw[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(batch.latents_BChw[2], alone.latents_BChw[0], rtol=0, atol=5e-4)
     torch.testing.assert_close(batch.edited_BCHW[2], alone.edited_BCHW[0], rtol=0, atol=5e-4)
+    # Padding a short batch (static shapes for a compiled UNet) changes nothing for the real images.
+    padded = edit_batch(m, images[:3], sources[:3], targets[:3], seeds[:3], FAST, pad_to=5)
+    assert padded.edited_BCHW.shape[0] == 3 and torch.equal(padded.mask_Bhw, batch.mask_Bhw[:3])
+    torch.testing.assert_close(padded.edited_BCHW, batch.edited_BCHW[:3], rtol=0, atol=5e-4)
     # Micro-batching the UNet changes nothing either.
     micro = edit_batch(m, images, sources, targets, seeds, FAST, max_batch=3)
     assert torch.equal(micro.mask_Bhw, batch.mask_Bhw)

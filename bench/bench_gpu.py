@@ -1,0 +1,248 @@
+"""GPU throughput of DiffEdit at Stable Diffusion 1.5 scale: diffusers' pipeline against our engine.
+
+No pretrained weights exist here, but a diffusion model's work does not depend on its weight values:
+this builds SD 1.5's exact architecture (UNet 320/640/1280/1280, cross-attention 768, SD's VAE, a CLIP
+ViT-L/14 text encoder) with random weights and times, in one run:
+  (a) diffusers' StableDiffusionDiffEditPipeline with its defaults (generate_mask -> invert -> __call__),
+      one image per call and lists of 4, 8, 12 images;
+  (b) our engine in-process doing the same work (conditional inversion with guidance 7.5);
+  (d) our engine at the paper's defaults (unconditional encoding).
+For each: edits/s, FLOPs per edit (torch.utils.flop_counter), share of the FLOP floor (FLOPs over the
+measured fp16 matmul rate), peak GPU memory, compile time.
+
+    python bench/bench_gpu.py --out results/            # on a GPU machine
+    python bench/bench_gpu.py --tiny --out /tmp/b       # a seconds-long smoke run on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffedit.stages.config import EditConfig
+from diffedit.stages.editor import edit_batch
+from diffedit.stages.images import images_to_tensor
+from diffedit.stages.model import DiffEditModel
+from diffedit.stages.randomness import edit_seed
+from diffedit.stages.tiny import write_clip_tokenizer
+
+SOURCE = "a photo of a dog sitting on a red sofa in a living room"
+TARGET = "a photo of a cat sitting on a red sofa in a living room"
+
+
+def build_sd15(device, dtype, tiny: bool, workdir: Path):
+    """SD 1.5's architecture with random weights (or a tiny stand-in for a CPU smoke run)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(workdir / "tokenizer", SOURCE.split() + TARGET.split()))
+    torch.manual_seed(0)
+    if tiny:
+        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=16,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, norm_num_groups=4)
+        vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16)
+        text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=77)
+    else:
+        # diffusers' UNet2DConditionModel defaults are SD 1.x's: block_out_channels (320, 640, 1280, 1280),
+        # 2 layers per block, attention_head_dim 8; SD 1.5 uses cross_attention_dim 768, sample_size 64.
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        # SD's VAE: 128/256/512/512 channels, 2 layers per block, 4 latent channels, scaling 0.18215.
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512, scaling_factor=0.18215)
+        # CLIP ViT-L/14's text tower.
+        text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    text.bos_token_id, text.eos_token_id, text.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    text_encoder = CLIPTextModel(text)
+    scheduler_config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    for module in (unet, vae, text_encoder):
+        module.to(device, dtype).eval().requires_grad_(False)
+    return DiffEditModel(unet, vae, text_encoder, tokenizer, scheduler_config, "sd15-random", device, dtype)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def matmul_rate(device, dtype) -> float | None:
+    """Measured dense matmul FLOP/s at this dtype: the rate the FLOP floor is taken from."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    sync(device)
+    return 20 * 2 * 8192**3 / (time.perf_counter() - t)
+
+
+def diffusers_pipe(model: DiffEditModel):
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
+
+    pipe = StableDiffusionDiffEditPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=DDIMScheduler.from_config(model.scheduler_config),
+        inverse_scheduler=DDIMInverseScheduler.from_config(model.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_diffusers(pipe, images):
+    """diffusers' documented DiffEdit usage, with its defaults, on a list of images."""
+    n = len(images)
+    mask = pipe.generate_mask(image=images, source_prompt=[SOURCE] * n, target_prompt=[TARGET] * n)
+    inv = pipe.invert(prompt=[SOURCE] * n, image=images).latents
+    return pipe(prompt=[TARGET] * n, mask_image=mask, image_latents=inv, output_type="pt").images
+
+
+def run_ours(model, x, config, max_batch):
+    n = x.shape[0]
+    seeds = [edit_seed(0, f"img{i}", 0) for i in range(n)]
+    return edit_batch(model, x, [SOURCE] * n, [TARGET] * n, seeds, config, max_batch=max_batch).edited_BCHW
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def timed(device, fn, repeats: int = 1) -> tuple[float, float]:
+    """(first call seconds, median steady seconds over ``repeats`` further calls)."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return first, float(np.median(times)) if times else first
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tiny", action="store_true", help="tiny stand-in models (CPU smoke run)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--diffusers-sizes", default="1,4,8,12")
+    p.add_argument("--our-sizes", default="8,16,32")
+    p.add_argument("--max-batch", type=int, default=64, help="our UNet micro-batch cap (bounds peak memory)")
+    p.add_argument("--compile", action="store_true", help="also time our engine with torch.compile'd UNet")
+    p.add_argument("--skip-diffusers", action="store_true")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype if device.type == "cuda" else "fp32"]
+    model = build_sd15(device, dtype, args.tiny, args.out / "work")
+    res = model.resolution
+    rng = np.random.default_rng(0)
+    max_n = max(int(s) for s in (args.diffusers_sizes + "," + args.our_sizes).split(","))
+    pil = [Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)) for _ in range(max_n)]
+    x_all = images_to_tensor(pil, res).to(device, dtype)
+    rate = matmul_rate(device, dtype)
+    same_work = EditConfig.from_flat(conditional_encoding=True, encode_guidance=7.5)
+    paper = EditConfig()
+    rows = []
+    env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               torch=torch.__version__, python=platform.python_version(), dtype=str(dtype),
+               matmul_tflops=rate / 1e12 if rate else None)
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    print(json.dumps(env), flush=True)
+
+    def record(name, n, first, steady, flops_per_edit, mem, compile_s=None):
+        eps = n / steady
+        floor_s = flops_per_edit / rate if rate else None
+        row = dict(variant=name, images_per_call=n, seconds=steady, edits_per_s=eps, first_call_s=first,
+                   tflop_per_edit=flops_per_edit / 1e12, floor_share=(floor_s * eps) if floor_s else None,
+                   peak_gib=mem, compile_s=compile_s)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "bench_gpu.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+
+    with torch.no_grad():
+        flops_ours = count_flops(lambda: run_ours(model, x_all[:1], same_work, args.max_batch))
+        flops_paper = count_flops(lambda: run_ours(model, x_all[:1], paper, args.max_batch))
+        if not args.skip_diffusers:
+            pipe = diffusers_pipe(model)
+            flops_diff = count_flops(lambda: run_diffusers(pipe, pil[:1]))
+            for n in [int(s) for s in args.diffusers_sizes.split(",")]:
+                peak_reset(device)
+                first, steady = timed(device, lambda: run_diffusers(pipe, pil[:n]), repeats=2 if n == 1 else 1)
+                record("(a) diffusers DiffEdit pipeline", n, first, steady, flops_diff, peak_gib(device))
+        for config, name, flops in ((same_work, "(b) ours, same work", flops_ours), (paper, "(d) ours, paper defaults", flops_paper)):
+            for n in [int(s) for s in args.our_sizes.split(",")]:
+                peak_reset(device)
+                first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
+                record(name, n, first, steady, flops, peak_gib(device))
+        if args.compile:
+            model.unet = torch.compile(model.unet, dynamic=False)
+            for config, name, flops in ((same_work, "(b) ours, same work, compiled", flops_ours),
+                                        (paper, "(d) ours, paper defaults, compiled", flops_paper)):
+                n = max(int(s) for s in args.our_sizes.split(","))
+                peak_reset(device)
+                first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
+                record(name, n, first, steady, flops, peak_gib(device), compile_s=first - steady)
+    write_table(args.out, env, rows)
+
+
+def write_table(out: Path, env: dict, rows: list[dict]):
+    lines = [f"device: {env['device']}; torch {env['torch']}; diffusers {env.get('diffusers')}; {env['dtype']}; "
+             f"measured matmul rate {env['matmul_tflops'] and round(env['matmul_tflops'])} TFLOP/s", "",
+             "| variant | images/call | edits/s | TFLOP/edit | share of FLOP floor | peak GiB | compile s |",
+             "|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['images_per_call']} | {r['edits_per_s']:.2f} | {r['tflop_per_edit']:.1f} | "
+                     f"{fmt(r['floor_share'], '.0%')} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['compile_s'], '.0f')} |")
+    a = max((r["edits_per_s"] for r in rows if r["variant"].startswith("(a)")), default=None)
+    b = max((r["edits_per_s"] for r in rows if r["variant"].startswith("(b)")), default=None)
+    if a and b:
+        lines += ["", f"speedup: {b / a:.1f}x ((b) best over (a) best)"]
+    (out / "bench_gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
