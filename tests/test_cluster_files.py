@@ -1,0 +1,292 @@
+"""The files of cluster/ stay true: they parse, carry the fields Ray needs, and agree with pyproject.toml
+(Ray pin, package name and version, console script) and with the real `diffedit run` argument parser.
+
+Nothing here starts a cluster: the launcher and KubeRay files are checked for what would make them fail
+or run something other than this checkout's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
+NAME = PYPROJECT["project"]["name"]
+
+
+def pins() -> dict[str, str]:
+    """pyproject's exact pins, {normalised name: version}, e.g. {"ray": "2.60.0"}."""
+    out = {}
+    for dep in PYPROJECT["project"]["dependencies"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^;\s]+)", dep.strip())
+        if m:
+            out[normalise(m.group(1))] = m.group(3)
+    return out
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def yaml_docs() -> dict[str, list[dict]]:
+    files = sorted(CLUSTER.glob("*.yaml")) + sorted(CLUSTER.glob("*.yml"))
+    return {f.name: [d for d in yaml.safe_load_all(f.read_text()) if d is not None] for f in files}
+
+
+def all_docs() -> list[dict]:
+    return [d for docs in yaml_docs().values() for d in docs]
+
+
+def launcher_configs() -> list[dict]:
+    return [d for d in all_docs() if "cluster_name" in d and "provider" in d]
+
+
+def kuberay(kind: str) -> list[dict]:
+    return [d for d in all_docs() if d.get("kind") == kind]
+
+
+def strings(node):
+    """Every string value in a parsed YAML document."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from strings(v)
+
+
+def cluster_texts() -> dict[str, str]:
+    return {f.name: f.read_text() for f in sorted(CLUSTER.iterdir()) if f.is_file()}
+
+
+def diffedit_run_commands() -> list[tuple[str, list[str]]]:
+    """Every `diffedit run ...` command written in cluster/: YAML string values (entrypoints, commands)
+    and the fenced code blocks of Markdown files, as (where, argv after `diffedit run`)."""
+    found: list[tuple[str, str]] = []
+    for name, docs in yaml_docs().items():
+        for doc in docs:
+            found += [(name, s) for s in strings(doc) if "diffedit run" in s]
+    for md in sorted(CLUSTER.glob("*.md")):
+        for block in re.findall(r"```[^\n]*\n(.*?)```", md.read_text(), flags=re.S):
+            block = block.replace("\\\n", " ")  # shell line continuations
+            found += [(md.name, line) for line in block.splitlines() if "diffedit run" in line]
+    commands = []
+    for where, text in found:
+        for part in text.split("diffedit run")[1:]:
+            argv = []
+            for token in shlex.split(part, comments=True):
+                if token in {"&&", "||", ";", "|"} or token.endswith(";"):
+                    break
+                argv.append(token)
+            commands.append((where, argv))
+    return commands
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The files parse and carry what Ray needs
+
+
+def test_every_yaml_parses_and_there_is_one_of_each():
+    docs = yaml_docs()
+    assert docs, "no YAML in cluster/"
+    for name, parsed in docs.items():
+        assert parsed, f"{name} holds no YAML document"
+        assert all(isinstance(d, dict) for d in parsed), name
+    assert len(launcher_configs()) == 1
+    assert len(kuberay("RayCluster")) == 1
+    assert len(kuberay("RayJob")) == 1
+
+
+def test_cluster_launcher_config():
+    (cfg,) = launcher_configs()
+    assert cfg["cluster_name"]
+    assert cfg["provider"]["type"] in {"aws", "gcp", "azure"}
+    types = cfg["available_node_types"]
+    head = cfg["head_node_type"]
+    assert head in types
+    # The driver runs on the head: it has no GPU, so the job must not need one where the driver is.
+    assert types[head]["resources"].get("GPU", 0) == 0
+    gpu_types = {k: t for k, t in types.items() if k != head and t.get("resources", {}).get("GPU", 0) >= 1}
+    assert gpu_types, "no worker node type that declares a GPU"
+    for name, t in gpu_types.items():
+        assert t["min_workers"] == 0, f"{name} should scale from 0"
+        assert t["max_workers"] >= 1
+        assert t["node_config"]["InstanceType"]
+        assert t["node_config"].get("ImageId"), f"{name} needs an ImageId (Ray's default AMI is Ubuntu 18.04)"
+    assert cfg["max_workers"] >= max(t["max_workers"] for t in gpu_types.values())
+    for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert cfg[key], key
+    assert any("--head" in c and "--autoscaling-config" in c for c in cfg["head_start_ray_commands"])
+
+
+def test_cluster_launcher_installs_this_version_of_the_project():
+    """The setup commands install the wheel that `pip wheel .` builds from this checkout, from the
+    folder that file_mounts copies to every node, with the project's pinned Ray."""
+    (cfg,) = launcher_configs()
+    setup = "\n".join(cfg["setup_commands"])
+    wheel = re.search(r"~/([\w.-]+)/(\S+?)-(\S+?)-py3-none-any\.whl", setup)
+    assert wheel, "setup_commands install no project wheel"
+    folder, name, version = wheel.groups()
+    assert (name, version) == (NAME.replace("-", "_"), VERSION)
+    mounts = {k.rstrip("/"): v for k, v in cfg["file_mounts"].items()}
+    assert mounts.get(f"~/{folder}", "").rstrip("/") in {"./dist", "dist"}
+    # Every command that starts Ray or runs the job sees the environment the project went into.
+    venv = re.search(r"python3 -m venv (\S+)", setup)
+    if venv:
+        for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+            assert f"{venv.group(1)}/bin/activate" in c or f"{venv.group(1)}/bin/ray" in c, c
+
+
+def test_raycluster():
+    (rc,) = kuberay("RayCluster")
+    assert rc["apiVersion"] == "ray.io/v1"
+    spec = rc["spec"]
+    assert spec["rayVersion"] == pins()["ray"]
+    assert spec["headGroupSpec"]["template"]["spec"]["containers"]
+    gpu_groups = []
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+        if int(limits.get("nvidia.com/gpu", 0)) >= 1:
+            gpu_groups.append(group)
+            assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), group["groupName"]
+            assert group["minReplicas"] == 0 and group["maxReplicas"] >= 1
+    assert gpu_groups, "no worker group with an nvidia.com/gpu limit"
+    assert spec.get("enableInTreeAutoscaling") is True
+
+
+def test_rayjob_runs_diffedit_on_the_raycluster():
+    (job,) = kuberay("RayJob")
+    (rc,) = kuberay("RayCluster")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["entrypoint"].split()[:2] == ["diffedit", "run"]
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Versions and names agree with pyproject.toml
+
+
+def test_ray_version_everywhere_is_pyprojects_pin():
+    ray_pin = pins()["ray"]
+    seen = 0
+    for name, text in cluster_texts().items():
+        for version in re.findall(r"\bray(?:\[[^\]]*\])?==([\w.]+)", text):
+            assert version == ray_pin, f"{name} pins ray {version}, pyproject.toml {ray_pin}"
+            seen += 1
+        for version in re.findall(r"rayVersion:\s*['\"]?([\w.]+)", text):
+            assert version == ray_pin, f"{name} has rayVersion {version}, pyproject.toml pins {ray_pin}"
+            seen += 1
+    assert seen >= 3  # the launcher's setup, the Dockerfile, the RayCluster
+
+
+def test_other_pins_in_cluster_files_agree_with_pyproject():
+    """No cluster file installs a different version of a package that pyproject.toml pins."""
+    project_pins = pins()
+    for name, text in cluster_texts().items():
+        for pkg, version in re.findall(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([\w.]+)", text):
+            if normalise(pkg) in project_pins:
+                assert version == project_pins[normalise(pkg)], f"{name}: {pkg}=={version}"
+
+
+def test_images_and_wheels_carry_the_project_version():
+    found = 0
+    for name, text in cluster_texts().items():
+        for tag in re.findall(rf"/{NAME}:([\w.-]+)", text):
+            assert tag == VERSION, f"{name} names image {NAME}:{tag}, pyproject.toml version is {VERSION}"
+            found += 1
+        for version in re.findall(rf"{NAME}-([\w.]+?)-py3-none-any\.whl", text):
+            assert version == VERSION, f"{name} installs {NAME} {version}, pyproject.toml has {VERSION}"
+            found += 1
+    assert found >= 3  # two images in the RayCluster, the wheel of the launcher
+
+
+def test_console_script_is_the_command_the_files_run():
+    assert NAME == "diffedit"
+    assert PYPROJECT["project"]["scripts"]["diffedit"] == "diffedit.pipelines.cli:main"
+    assert diffedit_run_commands(), "no `diffedit run` command in cluster/"
+
+
+def test_dockerfile_installs_the_whole_package():
+    """The image's build context (cluster/Dockerfile.dockerignore) lets through every package folder and
+    package-data folder that pyproject.toml lists, so `pip install` in the image builds the same wheel."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+", dockerfile, flags=re.M)
+    assert re.search(r"pip install /tmp/diffedit-src", dockerfile)
+    allowed = {line[1:].strip("/") for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    tool = PYPROJECT["tool"]["setuptools"]
+    folders = {p.split(".", 1)[1].split(".")[0] for p in tool["packages"] if "." in p}
+    folders |= {pattern.split("/")[0] for patterns in tool.get("package-data", {}).values() for pattern in patterns}
+    assert {"pyproject.toml", "__init__.py", PYPROJECT["project"]["readme"]} <= allowed
+    assert folders <= allowed, f"not in the image build context: {sorted(folders - allowed)}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The commands agree with the real CLI
+
+
+class _Captured(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """The `run` subcommand's parser of the real CLI, however cli.py builds it: its builder function if it
+    has one, otherwise the parser that `main()` is about to parse with."""
+    if not (ROOT / "pipelines" / "cli.py").exists():
+        pytest.skip("pipelines/cli.py does not exist yet: the commands cannot be checked against the CLI")
+    import diffedit.pipelines.cli as cli
+    parser = None
+    for builder in ("build_parser", "make_parser", "get_parser", "parser"):
+        if callable(getattr(cli, builder, None)):
+            parser = getattr(cli, builder)()
+            break
+    if parser is None:
+        original = argparse.ArgumentParser.parse_args
+
+        def capture(self, *args, **kwargs):
+            raise _Captured(self)
+
+        argparse.ArgumentParser.parse_args = capture
+        try:
+            cli.main(["run", "--help"])
+        except _Captured as c:
+            parser = c.parser
+        finally:
+            argparse.ArgumentParser.parse_args = original
+    assert isinstance(parser, argparse.ArgumentParser), "found no argparse parser in diffedit.pipelines.cli"
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and "run" in action.choices:
+            return action.choices["run"]
+    raise AssertionError("the diffedit parser has no `run` subcommand")
+
+
+@pytest.mark.parametrize("where_argv", diffedit_run_commands(), ids=lambda c: f"{c[0]}:{' '.join(c[1])[:40]}")
+def test_diffedit_run_commands_parse_with_the_real_cli(where_argv):
+    where, argv = where_argv
+    parser = run_parser()
+    known = set(parser._option_string_actions)
+    for token in argv:
+        if token.startswith("--"):
+            option = token.split("=", 1)[0]
+            assert option in known, f"{where}: `diffedit run` has no option {option} (it has {sorted(known)})"
+    try:
+        parser.parse_args(argv)
+    except SystemExit as e:
+        pytest.fail(f"{where}: `diffedit run {' '.join(argv)}` does not parse (exit {e.code})")
