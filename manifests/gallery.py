@@ -1,0 +1,356 @@
+"""A self-contained HTML gallery of a manifest: source, mask overlay, edit, prompts, scores, status.
+
+    write_gallery("out/")                       # -> out/gallery.html
+    write_gallery("out/manifest/part-0.parquet", "edits.html", page_size=24)
+
+One HTML file with everything inside it (images as data: URIs, inline CSS and JS, no network), so it can
+be mailed or opened from any folder. Images are thumbnails (``thumb`` pixels on the long side); the mask
+is drawn in red over the source image (over the edit when the manifest has no source column). Cards are
+sortable by any score, filterable by status and by a score threshold, and paged, so a page holds
+``page_size`` cards whatever the manifest's size; the view lives in the URL fragment
+(``gallery.html#status=ok&sort=clip_directional&desc=1&col=clip_image&op=%3E%3D&value=0.7&page=2``).
+
+After each render the page writes a JSON summary (cards shown, images decoded, errors caught) into the
+hidden ``#gallery-status`` element, which the tests read from a headless browser.
+
+Reads the Parquet manifest with pyarrow only; the column names are those of ``docs/DESIGN.md``: ``key``,
+``edit_id``, ``source_prompt``, ``target_prompt``, ``status``, ``error``, ``mask_png``, ``edited_png`` or
+``edited_jpg``, optional ``source_png`` / ``source_jpg``, and the score columns (every floating-point column).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+TEXT_COLUMNS = ("key", "edit_id", "source_prompt", "target_prompt", "status", "error")
+IMAGE_COLUMNS = {"edit": ("edited_png", "edited_jpg"), "source": ("source_png", "source_jpg"), "mask": ("mask_png",)}
+OVERLAY_RGB = np.array([255, 0, 64], dtype=np.float32)  # the mask's colour, drawn at 50% over the image
+DEFAULT_LIMIT = 5000  # cards in one page file: about 25 KB each at the default thumbnail size
+
+
+def manifest_files(source: str | Path) -> list[Path]:
+    """The Parquet files of an output folder (``OUT/manifest/*.parquet``), a folder of them, or one file."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    for folder in (path / "manifest", path):
+        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        if files:
+            return files
+    raise FileNotFoundError(f"No Parquet manifest in {path} (looked for {path}/manifest/*.parquet and {path}/*.parquet).")
+
+
+def _thumbnail(data: bytes | None, thumb: int) -> Image.Image | None:
+    """Decoded and shrunk; None for a missing image. Unreadable bytes raise (PIL's OSError / ValueError)."""
+    if data is None:
+        return None
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    image.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
+    return image
+
+
+def _data_uri(image: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        image.convert("RGB").save(buf, "JPEG", quality=85)
+    else:
+        image.save(buf, "PNG", optimize=True)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def overlay(base: Image.Image, mask: Image.Image) -> Image.Image:
+    """``base`` with the mask (nonzero = edited) tinted red at 50%."""
+    rgb = np.asarray(base.convert("RGB"), dtype=np.float32)
+    m = np.asarray(mask.convert("L").resize(base.size, Image.Resampling.NEAREST)) > 127
+    rgb[m] = 0.5 * rgb[m] + 0.5 * OVERLAY_RGB
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
+def _number(value):
+    """A score for JSON: None stays null, +-inf become strings JavaScript's Number() reads, NaN is null."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float(value)
+
+
+def _card(row: dict, score_columns: list[str], image_columns: dict, thumb: int) -> dict:
+    card = {c: (None if row.get(c) is None else str(row[c])) for c in TEXT_COLUMNS}
+    card["scores"] = {c: _number(row.get(c)) for c in score_columns}
+    images, problems = {}, []
+    for role, col in image_columns.items():
+        try:
+            images[role] = _thumbnail(row.get(col), thumb) if col else None
+        except (OSError, ValueError, SyntaxError) as exc:  # a corrupt image in the manifest: say so on its card
+            images[role] = None
+            problems.append(f"{col} unreadable: {exc}")
+    card["images"] = {}
+    card["image_errors"] = problems
+    if images["source"] is not None:
+        card["images"]["source"] = _data_uri(images["source"], "JPEG")
+    if images["mask"] is not None:
+        base = images["source"] or images["edit"]
+        if base is not None:
+            card["images"]["mask"] = _data_uri(overlay(base, images["mask"]), "JPEG")
+            card["mask_over"] = "source" if images["source"] is not None else "edit"
+        else:
+            card["images"]["mask"] = _data_uri(images["mask"], "PNG")
+            card["mask_over"] = None
+    if images["edit"] is not None:
+        card["images"]["edit"] = _data_uri(images["edit"], "JPEG")
+    return card
+
+
+def read_cards(files: list[Path], thumb: int = 256, limit: int | None = DEFAULT_LIMIT) -> tuple[list[dict], dict]:
+    """Cards for the first ``limit`` rows of the manifest, and a summary (rows by status, columns)."""
+    schema = pq.read_schema(files[0])
+    names = set(schema.names)
+    score_columns = [f.name for f in schema if pa.types.is_floating(f.type)]
+    image_columns = {role: next((c for c in options if c in names), None) for role, options in IMAGE_COLUMNS.items()}
+    wanted = [c for c in TEXT_COLUMNS if c in names] + score_columns + [c for c in image_columns.values() if c]
+    cards: list[dict] = []
+    counts: dict[str, int] = {}
+    total = 0
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(columns=[c for c in wanted if c in parquet.schema_arrow.names], batch_size=256):
+            statuses = batch.column("status").to_pylist() if "status" in batch.schema.names else [None] * batch.num_rows
+            for s in statuses:
+                counts[str(s)] = counts.get(str(s), 0) + 1
+            total += batch.num_rows
+            if limit is not None and len(cards) >= limit:
+                continue  # keep counting rows, stop decoding images
+            for row in batch.slice(0, None if limit is None else limit - len(cards)).to_pylist():
+                cards.append(_card(row, score_columns, image_columns, thumb))
+    summary = {
+        "rows": total,
+        "shown": len(cards),
+        "by_status": counts,
+        "scores": score_columns,
+        "has_source": image_columns["source"] is not None,
+        "files": [str(f) for f in files],
+    }
+    return cards, summary
+
+
+def write_gallery(
+    source: str | Path,
+    html_path: str | Path | None = None,
+    *,
+    page_size: int = 50,
+    thumb: int = 256,
+    limit: int | None = DEFAULT_LIMIT,
+    title: str = "diffedit gallery",
+) -> Path:
+    """Write the gallery of the manifest at ``source`` (an output folder, a folder of Parquet files, or one
+    file) to ``html_path`` (default: ``gallery.html`` in the output folder) and return its path."""
+    if page_size < 1:
+        raise ValueError(f"`page_size` must be >= 1 but is {page_size}.")
+    files = manifest_files(source)
+    if html_path is None:
+        src = Path(source)
+        html_path = (src.parent if src.is_file() else src) / "gallery.html"
+    cards, summary = read_cards(files, thumb=thumb, limit=limit)
+    payload = json.dumps({"cards": cards, "summary": summary, "page_size": page_size}, allow_nan=False)
+    payload = payload.replace("<", "\\u003c")  # no "</script>" can close the data block early
+    page = PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+    out = Path(html_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 0; background: #f4f4f5; color: #18181b; }
+  header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #ddd; padding: 8px 16px; z-index: 1; }
+  h1 { font-size: 18px; margin: 0 0 4px; }
+  #summary { color: #52525b; margin: 0 0 6px; }
+  #controls { display: flex; flex-wrap: wrap; gap: 6px 14px; align-items: center; }
+  #controls label { white-space: nowrap; }
+  #controls input[type=number] { width: 7em; }
+  main { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 12px; padding: 12px 16px; }
+  .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px 10px; }
+  .card.error { border-color: #dc2626; } .card.skipped { border-color: #a1a1aa; }
+  .head { display: flex; justify-content: space-between; gap: 8px; color: #52525b; font-size: 12px; }
+  .badge { font-weight: 600; } .badge.ok { color: #15803d; } .badge.error { color: #dc2626; } .badge.skipped { color: #71717a; }
+  .prompts { margin: 4px 0; } .prompts .arrow { color: #71717a; margin: 0 4px; }
+  .images { display: flex; gap: 6px; }
+  figure { margin: 0; flex: 1; min-width: 0; text-align: center; }
+  figure img { width: 100%; max-width: 256px; image-rendering: auto; background: #e4e4e7; }
+  figcaption { font-size: 11px; color: #71717a; }
+  .missing { padding: 30px 0; color: #a1a1aa; background: #fafafa; border: 1px dashed #ddd; }
+  table.scores { border-collapse: collapse; margin-top: 4px; font-size: 12px; font-variant-numeric: tabular-nums; }
+  table.scores td { padding: 0 10px 0 0; } table.scores td.v { text-align: right; }
+  .errmsg { color: #dc2626; white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 12px; }
+  nav { display: flex; gap: 8px; align-items: center; }
+  #empty { padding: 24px 16px; color: #71717a; }
+</style>
+</head>
+<body>
+<header>
+  <h1>__TITLE__</h1>
+  <p id="summary"></p>
+  <div id="controls">
+    <label>status <select id="f-status"><option value="all">all</option></select></label>
+    <label>sort by <select id="f-sort"><option value="">manifest order</option></select></label>
+    <label><input type="checkbox" id="f-desc" checked> descending</label>
+    <label>keep <select id="f-col"><option value="">(no threshold)</option></select>
+      <select id="f-op"><option value="&gt;=">&ge;</option><option value="&lt;=">&le;</option></select>
+      <input type="number" id="f-value" step="any"></label>
+    <nav><button id="prev">&larr; prev</button><span id="pageinfo"></span><button id="next">next &rarr;</button></nav>
+  </div>
+</header>
+<main id="cards"></main>
+<div id="empty" hidden>No edit matches these filters.</div>
+<pre id="gallery-status" hidden></pre>
+<script type="application/json" id="gallery-data">__DATA__</script>
+<script>
+"use strict";
+(function () {
+  const errors = [];
+  window.addEventListener("error", function (e) {
+    const t = e.target;
+    errors.push(t && t !== window && t.tagName ? "failed to load <" + t.tagName.toLowerCase() + ">" : String(e.message));
+  }, true);
+  window.addEventListener("unhandledrejection", function (e) { errors.push("unhandled rejection: " + String(e.reason)); });
+  const consoleError = console.error.bind(console);
+  console.error = function () { errors.push(Array.from(arguments).map(String).join(" ")); consoleError.apply(null, arguments); };
+
+  const data = JSON.parse(document.getElementById("gallery-data").textContent);
+  const cards = data.cards, summary = data.summary, pageSize = data.page_size;
+  const $ = (id) => document.getElementById(id);
+  const el = (tag, cls, text) => { const n = document.createElement(tag); if (cls) n.className = cls; if (text != null) n.textContent = text; return n; };
+  const num = (v) => (v === null || v === undefined ? null : Number(v));
+  const fmt = (v) => { const x = num(v); return x === null ? "null" : (Number.isFinite(x) ? x.toFixed(Math.abs(x) >= 100 ? 1 : 3) : String(x)); };
+
+  // Controls: statuses and score columns found in the manifest.
+  const statuses = Object.keys(summary.by_status).sort();
+  for (const s of statuses) $("f-status").append(new Option(s + " (" + summary.by_status[s] + ")", s));
+  for (const c of summary.scores) { $("f-sort").append(new Option(c, c)); $("f-col").append(new Option(c, c)); }
+  const parts = Object.entries(summary.by_status).map(([s, n]) => n + " " + s);
+  $("summary").textContent = summary.rows + " rows (" + parts.join(", ") + ")" +
+    (summary.shown < summary.rows ? "; this page holds the first " + summary.shown : "") +
+    ". Mask in red over the " + (summary.has_source ? "source" : "edit") + ".";
+
+  const state = { status: "all", sort: "", desc: true, col: "", op: ">=", value: "", page: 1 };
+  function readHash() {
+    const p = new URLSearchParams(location.hash.slice(1));
+    for (const k of ["status", "sort", "col", "op", "value"]) if (p.has(k)) state[k] = p.get(k);
+    if (p.has("desc")) state.desc = p.get("desc") !== "0";
+    if (p.has("page")) state.page = Math.max(1, parseInt(p.get("page"), 10) || 1);
+    $("f-status").value = state.status; $("f-sort").value = state.sort; $("f-desc").checked = state.desc;
+    $("f-col").value = state.col; $("f-op").value = state.op; $("f-value").value = state.value;
+  }
+  function writeHash() {
+    const p = new URLSearchParams();
+    for (const k of ["status", "sort", "col", "op", "value"]) if (state[k] !== "" && !(k === "status" && state[k] === "all")) p.set(k, state[k]);
+    p.set("desc", state.desc ? "1" : "0"); p.set("page", String(state.page));
+    history.replaceState(null, "", "#" + p.toString());
+  }
+
+  function selected() {
+    let rows = cards.map((c, i) => [c, i]);
+    if (state.status !== "all") rows = rows.filter(([c]) => c.status === state.status);
+    const t = parseFloat(state.value);
+    if (state.col && Number.isFinite(t)) {
+      rows = rows.filter(([c]) => { const v = num(c.scores[state.col]); return v !== null && (state.op === "<=" ? v <= t : v >= t); });
+    }
+    if (state.sort) {
+      const k = state.sort, sign = state.desc ? -1 : 1;
+      rows.sort(([a, i], [b, j]) => {
+        const x = num(a.scores[k]), y = num(b.scores[k]);
+        if (x === null || y === null) return (x === null) - (y === null) || i - j;  // nulls last
+        return x === y ? i - j : (x < y ? -sign : sign);
+      });
+    }
+    return rows.map(([c]) => c);
+  }
+
+  function figure(uri, caption) {
+    const f = el("figure");
+    if (uri) { const img = new Image(); img.alt = caption; img.src = uri; f.append(img); }
+    else f.append(el("div", "missing", "none"));
+    f.append(el("figcaption", null, caption));
+    return f;
+  }
+  function cardNode(c) {
+    const n = el("article", "card " + (c.status || ""));
+    n.dataset.editId = c.edit_id || "";
+    const head = el("div", "head");
+    head.append(el("span", null, (c.key || "") + (c.edit_id ? "  ·  " + c.edit_id : "")), el("span", "badge " + (c.status || ""), c.status || ""));
+    const prompts = el("div", "prompts");
+    prompts.append(el("span", null, c.source_prompt || ""), el("span", "arrow", "\u2192"), el("b", null, c.target_prompt || ""));
+    const images = el("div", "images");
+    if (summary.has_source) images.append(figure(c.images.source, "source"));
+    images.append(figure(c.images.mask, c.mask_over ? "mask over " + c.mask_over : "mask"), figure(c.images.edit, "edit"));
+    n.append(head, prompts, images);
+    if (c.error) n.append(el("div", "errmsg", c.error));
+    for (const p of c.image_errors || []) n.append(el("div", "errmsg", p));
+    const table = el("table", "scores");
+    for (const k of summary.scores) {
+      const tr = el("tr"); tr.append(el("td", null, k), el("td", "v", fmt(c.scores[k]))); table.append(tr);
+    }
+    if (summary.scores.length) n.append(table);
+    return n;
+  }
+
+  let renderId = 0;
+  function render() {
+    const rows = selected();
+    const pages = Math.max(1, Math.ceil(rows.length / pageSize));
+    state.page = Math.min(state.page, pages);
+    const shown = rows.slice((state.page - 1) * pageSize, state.page * pageSize);
+    const main = $("cards");
+    main.replaceChildren(...shown.map(cardNode));
+    $("empty").hidden = rows.length > 0;
+    $("pageinfo").textContent = "page " + state.page + " / " + pages + " (" + rows.length + " edits)";
+    $("prev").disabled = state.page <= 1; $("next").disabled = state.page >= pages;
+    writeHash();
+    const id = ++renderId;
+    const imgs = Array.from(main.querySelectorAll("img"));
+    Promise.all(imgs.map((img) => img.decode().then(() => img.naturalWidth > 0, () => false))).then((ok) => {
+      if (id !== renderId) return;
+      $("gallery-status").textContent = JSON.stringify({
+        cards: shown.length, matching: rows.length, total: cards.length, rows: summary.rows, page: state.page, pages: pages,
+        images: imgs.length, decoded: ok.filter(Boolean).length, widths: imgs.map((i) => i.naturalWidth),
+        order: shown.map((c) => c.edit_id), errors: errors.slice(),
+      });
+      $("gallery-status").dataset.ready = "1";
+    });
+  }
+
+  function onChange() {
+    state.status = $("f-status").value; state.sort = $("f-sort").value; state.desc = $("f-desc").checked;
+    state.col = $("f-col").value; state.op = $("f-op").value; state.value = $("f-value").value; state.page = 1;
+    render();
+  }
+  for (const id of ["f-status", "f-sort", "f-desc", "f-col", "f-op"]) $(id).addEventListener("change", onChange);
+  $("f-value").addEventListener("input", onChange);
+  $("prev").addEventListener("click", () => { state.page -= 1; render(); window.scrollTo(0, 0); });
+  $("next").addEventListener("click", () => { state.page += 1; render(); window.scrollTo(0, 0); });
+  window.addEventListener("hashchange", () => { readHash(); render(); });
+  readHash();
+  render();
+})();
+</script>
+</body>
+</html>
+"""
