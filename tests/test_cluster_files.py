@@ -76,13 +76,13 @@ def cluster_texts() -> dict[str, str]:
 
 def diffedit_run_commands() -> list[tuple[str, list[str]]]:
     """Every `diffedit run ...` command written in cluster/: YAML string values (entrypoints, commands)
-    and the fenced code blocks of Markdown files, as (where, argv after `diffedit run`)."""
+    and the shell code blocks (```bash) of Markdown files, as (where, argv after `diffedit run`)."""
     found: list[tuple[str, str]] = []
     for name, docs in yaml_docs().items():
         for doc in docs:
             found += [(name, s) for s in strings(doc) if "diffedit run" in s]
     for md in sorted(CLUSTER.glob("*.md")):
-        for block in re.findall(r"```[^\n]*\n(.*?)```", md.read_text(), flags=re.S):
+        for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", md.read_text(), flags=re.S):
             block = block.replace("\\\n", " ")  # shell line continuations
             found += [(md.name, line) for line in block.splitlines() if "diffedit run" in line]
     commands = []
