@@ -27,8 +27,6 @@ from diffedit.stages.scores import (
     ssim_map,
 )
 
-skimage_metrics = pytest.importorskip("skimage.metrics")
-
 TINY_CLIP = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
@@ -268,7 +266,12 @@ def test_lpips_without_backbone_weights(hub_dir, no_default_clip, tmp_path):
 # -- PSNR and SSIM ---------------------------------------------------------------------------------------
 
 
-def skimage_ssim_map(a, b):
+@pytest.fixture
+def skimage_metrics():
+    return pytest.importorskip("skimage.metrics", reason="scikit-image is the independent reference for PSNR / SSIM")
+
+
+def skimage_ssim_map(skimage_metrics, a, b):
     _, S = skimage_metrics.structural_similarity(
         a, b, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, full=True
     )
@@ -276,7 +279,8 @@ def skimage_ssim_map(a, b):
 
 
 def test_gaussian_filter_matches_scipy():
-    from scipy.ndimage import gaussian_filter as scipy_gaussian
+    scipy_ndimage = pytest.importorskip("scipy.ndimage", reason="scipy is the independent reference for the blur")
+    scipy_gaussian = scipy_ndimage.gaussian_filter
 
     rng = np.random.default_rng(0)
     for shape in [(20, 31), (4, 6), (1, 9)]:  # also smaller than the 11-tap window: repeated reflection
@@ -285,14 +289,14 @@ def test_gaussian_filter_matches_scipy():
         np.testing.assert_allclose(got, scipy_gaussian(x, sigma=1.5, truncate=3.5, mode="reflect"), rtol=0, atol=1e-12)
 
 
-def test_psnr_and_ssim_match_skimage_on_full_images_and_regions(no_default_clip, hub_dir):
+def test_psnr_and_ssim_match_skimage_on_full_images_and_regions(no_default_clip, hub_dir, skimage_metrics):
     sources = [rgb(37, 53, 0), rgb(64, 64, 1)]
     edits = [perturbed(sources[0], 5, 30), perturbed(sources[1], 6, 60)]
     masks = [box_mask(37, 53, 4, 9, 30, 40), box_mask(64, 64, 0, 0, 64, 20)]
     got = Scorer(ScoreConfig(device="cpu")).score(sources, edits, masks, ["a", "b"], ["c", "d"])
     for i, (s, e, m) in enumerate(zip(sources, edits, masks)):
         a, b = s / 255.0, e / 255.0
-        S = skimage_ssim_map(a, b)
+        S = skimage_ssim_map(skimage_metrics, a, b)
         psnr = lambda region: skimage_metrics.peak_signal_noise_ratio(a[region], b[region], data_range=1.0)  # noqa: E731
         assert got["psnr_bg"][i] == pytest.approx(psnr(~m), abs=1e-9)
         assert got["psnr_fg"][i] == pytest.approx(psnr(m), abs=1e-9)
