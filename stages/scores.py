@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,7 +306,9 @@ def load_lpips(net: str, weights: str | None, device: torch.device) -> tuple[tor
         )
     # pnet_rand=True builds the backbone without asking torchvision for weights (no download); the
     # package's linear layers (shipped with it, weights/v0.1/<net>.pth) load as usual.
-    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips 0.1.4 calls torchvision's deprecated `pretrained=` argument
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     state = _load_backbone_state(path)
     # lpips splits torchvision's ``features`` into slices but keeps each layer's index: slice2.3 = features.3.
     mapped = {}
