@@ -1,0 +1,61 @@
+"""The manifest: one Parquet row per (sample, edit). Readable with plain pandas/pyarrow.
+
+Layout of an output folder OUT:
+    OUT/run.json                  job parameters, package versions, model fingerprint
+    OUT/manifest/part-*.parquet   committed rows; a part is written to a temporary name and renamed, so a
+                                  part either exists whole or not at all (the unit of exactly-once resume)
+
+The schema version is in every part's file metadata (``diffedit.schema_version``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+STATUSES = ("ok", "error", "skipped")
+SCORE_COLUMNS = ("clip_source", "clip_target", "clip_directional", "clip_image", "lpips", "psnr_bg", "ssim_bg",
+                 "psnr_fg", "ssim_fg")
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # the sample's __key__ (never used as a path)
+        ("edit_id", pa.string()),  # stable id of (key, edit index, prompts)
+        ("edit_index", pa.int32()),
+        ("shard", pa.string()),
+        ("source_prompt", pa.string()),
+        ("target_prompt", pa.string()),
+        ("status", pa.string()),  # ok | error | skipped
+        ("error", pa.string()),
+        ("seed", pa.int64()),  # the per-edit seed
+        ("width", pa.int32()),  # the source image's size; masks and edits have it too
+        ("height", pa.int32()),
+        ("mask_png", pa.binary()),
+        ("mask_inferred", pa.bool_()),
+        ("mask_fraction", pa.float32()),
+        ("edited_png", pa.binary()),
+        ("edited_jpg", pa.binary()),
+        ("latents", pa.list_(pa.float32())),  # the edited latents, flattened (with --save-latents)
+        ("latents_shape", pa.list_(pa.int32())),
+        *[(name, pa.float32()) for name in SCORE_COLUMNS],
+    ],
+    metadata={b"diffedit.schema_version": SCHEMA_VERSION.encode()},
+)
+
+
+def edit_id(key: str, edit_index: int, source_prompt: str, target_prompt: str) -> str:
+    """Stable across runs and machines: the same sample and edit always get the same id."""
+    text = "\x1f".join([key, str(edit_index), source_prompt, target_prompt])
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def empty_row(**values) -> dict:
+    row = {name: None for name in SCHEMA.names}
+    row.update(values)
+    return row
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{n: r.get(n) for n in SCHEMA.names} for r in rows], schema=SCHEMA)

@@ -1,0 +1,159 @@
+"""The Ray-facing callables: prompt expansion (CPU tasks) and the edit actor (GPU, or CPU).
+
+Thin adapters: the mathematics is ``diffedit.stages.editor.edit_batch``; the row format is
+``diffedit.manifests.schema``. One actor loads the weights once and runs the three DiffEdit steps fused
+on its device, so latents never leave it.
+"""
+
+from __future__ import annotations
+
+import io
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ..manifests.schema import SCHEMA, edit_id, empty_row
+from .inputs import open_image, sample_from_row
+from .prompts import PromptSpec
+
+
+@dataclass(frozen=True)
+class ExpandOptions:
+    prompts: PromptSpec
+    caption_field: str
+    seed: int
+
+
+def expand_sample(row: dict, options: ExpandOptions, committed: frozenset) -> list[dict]:
+    """One sample -> one row per edit (status pending), or one skipped/error row; committed edits dropped."""
+    from ..stages.randomness import edit_seed
+
+    sample = sample_from_row(row, options.caption_field)
+    base = dict(key=sample.key, shard=sample.shard)
+    if sample.error:
+        rows = [empty_row(**base, edit_index=0, status="error", error=sample.error, source_prompt=sample.caption)]
+    else:
+        edits = options.prompts.edits(sample.key, sample.caption, sample.label)
+        if not edits:
+            reason = "no caption or label" if not sample.caption and sample.label is None else "no prompt rule matches"
+            rows = [empty_row(**base, edit_index=0, status="skipped", error=reason, source_prompt=sample.caption)]
+        else:
+            rows = [
+                empty_row(**base, edit_index=i, status="pending", source_prompt=e.source_prompt,
+                          target_prompt=e.target_prompt, seed=edit_seed(options.seed, sample.key, i),
+                          _image=sample.image, _mask=sample.mask)
+                for i, e in enumerate(edits)
+            ]
+    for r in rows:
+        r["edit_id"] = edit_id(r["key"], r["edit_index"], r["source_prompt"] or "", r["target_prompt"] or "")
+        r.setdefault("_image", None)
+        r.setdefault("_mask", None)
+    return [r for r in rows if r["edit_id"] not in committed]
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    edit: dict | None = None  # flat edit parameters
+    image_format: str = "png"
+    save_latents: bool = False
+    max_pixels: int = 64_000_000
+    max_batch: int | None = None
+    compile: bool = False
+    pad_batches_to: int | None = None
+
+
+def encode_image(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(buf, "JPEG", quality=95)
+    else:
+        image.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class EditActor:
+    """``map_batches`` callable: pending rows -> edited rows; other rows pass through."""
+
+    def __init__(self, options: ActorOptions):
+        from ..stages.config import EditConfig
+        from ..stages.model import load_model
+
+        self.options = options
+        self.model = load_model(options.model, device=options.device, dtype=options.dtype)
+        if options.compile:
+            self.model.compile()
+        self.config = EditConfig.from_flat(options.edit or {})
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = batch.to_dict("records")
+        pending = []
+        for r in rows:
+            if r["status"] != "pending":
+                continue
+            try:
+                r["_pil"] = open_image(r["_image"], self.options.max_pixels)
+                r["width"], r["height"] = r["_pil"].size
+                r["_user_mask"] = None if not _has(r.get("_mask")) else open_image(r["_mask"], self.options.max_pixels)
+                pending.append(r)
+            except ValueError as exc:
+                r.update(status="error", error=str(exc))
+        if pending:
+            self._edit(pending)
+        out = [{name: _clean(r.get(name)) for name in SCHEMA.names} for r in rows]
+        return pd.DataFrame(out, columns=SCHEMA.names)
+
+    def _edit(self, rows: list[dict]) -> None:
+        try:
+            self._edit_batch(rows)
+        except Exception:  # isolate: one bad item must not fail its batch-mates
+            if len(rows) == 1:
+                rows[0].update(status="error", error="edit failed: " + traceback.format_exc(limit=3)[-1500:])
+                return
+            for r in rows:
+                self._edit([r])
+
+    def _edit_batch(self, rows: list[dict]) -> None:
+        from ..stages.editor import edit_batch
+        from ..stages.images import images_to_tensor, mask_to_image, masks_to_tensor, tensor_to_images
+        from ..stages.mask import upsample_map
+
+        m, res = self.model, self.model.resolution
+        images = images_to_tensor([r["_pil"] for r in rows], res).to(m.device)
+        masks = [None if r["_user_mask"] is None else masks_to_tensor([r["_user_mask"]], res)[0] for r in rows]
+        out = edit_batch(
+            m, images, [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows],
+            [int(r["seed"]) for r in rows], self.config, masks=masks, max_batch=self.options.max_batch,
+            pad_to=self.options.pad_batches_to,
+        )
+        sizes = [(r["width"], r["height"]) for r in rows]
+        edited = tensor_to_images(out.edited_BCHW, sizes)
+        full = upsample_map(out.mask_Bhw, (res, res))
+        column = "edited_jpg" if self.options.image_format == "jpeg" else "edited_png"
+        for i, r in enumerate(rows):
+            mask = mask_to_image(full[i], sizes[i])
+            r.update(
+                status="ok", error=None, mask_png=encode_image(mask, "png"), mask_inferred=out.inferred[i],
+                mask_fraction=float(np.asarray(mask).mean() / 255.0),
+            )
+            r[column] = encode_image(edited[i], self.options.image_format)
+            if self.options.save_latents:
+                lat = out.latents_BChw[i].float().cpu()
+                r.update(latents=lat.flatten().numpy(), latents_shape=list(lat.shape))
+
+
+
+def _has(value) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value))
+
+
+def _clean(value):
+    """pandas' NaN for a missing value -> None, so Arrow sees a null."""
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value

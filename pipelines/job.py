@@ -1,0 +1,180 @@
+"""The job: WebDataset shards -> prompt pairs -> DiffEdit actors -> committed Parquet parts.
+
+    read_webdataset(decoder=None)                one row per sample, raw member bytes
+      .limit(N)                                  --limit
+      .flat_map(expand_sample)                   CPU: caption -> edits; committed edits dropped (resume)
+      .map_batches(EditActor, GPU actor pool)    decode, mask -> encode -> decode, PNG/JPEG encode
+      -> driver: commit parts atomically         manifests.OutputStore
+
+Resources (actors, GPUs, batch sizes) live here only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..manifests.store import OutputStore
+from .actor import ActorOptions, EditActor, ExpandOptions, expand_sample
+from .inputs import DEFAULT_MAX_PIXELS, check_local_shard, expand_inputs
+from .prompts import PromptSpec
+
+
+@dataclass
+class JobOptions:
+    inputs: list[str]
+    output: str
+    model: str | None = None  # None: the shipped model
+    prompts: str | None = None
+    edit: dict = field(default_factory=dict)  # flat edit parameters given on the command line (None = default)
+    seed: int = 0
+    batch_size: int = 8
+    num_gpus: int | None = None  # GPU actors (default: every GPU of the cluster)
+    gpus_per_actor: float = 1.0
+    cpu_actors: int = 1  # actors when the cluster has no GPU
+    device: str = "auto"
+    dtype: str = "auto"
+    limit: int | None = None
+    overwrite: bool = False
+    address: str | None = None
+    caption_field: str = "txt"
+    image_format: str = "png"
+    save_latents: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int | None = 64  # UNet micro-batch cap: bounds GPU memory (docs/BENCHMARKS.md)
+    compile: bool = False
+    rows_per_part: int = 256
+    progress_seconds: float = 5.0
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("diffedit", "torch", "diffusers", "transformers", "ray", "pyarrow", "webdataset"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _init_ray(address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def run_job(o: JobOptions, log=print) -> dict:
+    """Run (or resume) the job; returns the summary it prints."""
+    from ..stages.config import EditConfig
+    from ..stages.editor import SHIPPED_MODEL
+    from ..stages.model import load_model
+
+    t0 = time.time()
+    # 1. Inputs, prompts and parameters, checked on the driver before any work starts.
+    model_path = o.model or str(SHIPPED_MODEL)
+    if o.model is None and not SHIPPED_MODEL.is_dir():
+        raise FileNotFoundError(f"The shipped model is missing at {SHIPPED_MODEL}; pass --model.")
+    shards = expand_inputs(o.inputs)
+    bad = {s: why for s in shards if (why := check_local_shard(s))}
+    good = [s for s in shards if s not in bad]
+    spec = PromptSpec.load(o.prompts)
+    probe = load_model(model_path, device="cpu", dtype="fp32")  # recommended defaults + fingerprint
+    config = EditConfig.from_flat(probe.recommended, **o.edit)
+    prompts_digest = hashlib.sha256(Path(o.prompts).read_bytes()).hexdigest()[:16] if o.prompts else "default"
+    run = dict(
+        edit=config.flat(), seed=o.seed, model=probe.source, model_fingerprint=probe.fingerprint(),
+        model_recommended=probe.recommended, image_format=o.image_format, prompts=prompts_digest,
+        caption_field=o.caption_field, save_latents=o.save_latents, resolution=probe.resolution,
+        inputs=o.inputs, shards=len(shards), versions=_versions(), scores=None,
+        options={k: v for k, v in asdict(o).items() if k not in ("edit", "inputs")},
+    )
+    del probe
+    store = OutputStore(o.output)
+    store.begin(run, overwrite=o.overwrite)
+    committed = frozenset(store.committed_ids())
+    log(f"diffedit run: {len(shards)} shard(s), {len(committed)} edit(s) already committed in {o.output}")
+
+    counts: Counter = Counter()
+    new_rows = 0
+    # 2. Unreadable shards: one error row each, so they show in the manifest and in `status`.
+    from ..manifests.schema import edit_id, empty_row
+
+    shard_rows = []
+    for shard, why in bad.items():
+        row = empty_row(key=f"<shard {Path(shard).name}>", shard=shard, edit_index=0, status="error", error=why)
+        row["edit_id"] = edit_id(row["key"], 0, shard, "")
+        if row["edit_id"] not in committed:
+            shard_rows.append(row)
+        log(f"warning: {why}")
+    if shard_rows:
+        store.commit(shard_rows)
+        counts.update(r["status"] for r in shard_rows)
+
+    # 3. The Ray Data chain.
+    if good:
+        ray = _init_ray(o.address)
+        gpus = ray.cluster_resources().get("GPU", 0) if o.device != "cpu" else 0
+        if gpus:
+            actors = o.num_gpus or max(1, int(gpus // o.gpus_per_actor))
+            resources = dict(num_gpus=o.gpus_per_actor)
+        else:
+            actors, resources = o.cpu_actors, dict(num_cpus=1)
+        actor_options = ActorOptions(
+            model=model_path, device=o.device, dtype=o.dtype, edit=config.flat(), image_format=o.image_format,
+            save_latents=o.save_latents, max_pixels=o.max_pixels, max_batch=o.max_batch, compile=o.compile,
+            pad_batches_to=o.batch_size if o.compile else None,
+        )
+        expand_options = ExpandOptions(spec, o.caption_field, o.seed)
+        committed_ref = ray.put(committed)
+
+        def expand(row, committed_ref=committed_ref):
+            return expand_sample(row, expand_options, ray.get(committed_ref))
+
+        ds = ray.data.read_webdataset(good, decoder=None)
+        if o.limit is not None:
+            ds = ds.limit(o.limit)
+        ds = ds.flat_map(expand).map_batches(
+            EditActor, fn_constructor_args=(actor_options,), batch_size=o.batch_size, batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=actors), **resources,
+        )
+        log(f"editing with {actors} actor(s) ({'GPU x %g each' % o.gpus_per_actor if gpus else 'CPU'}), "
+            f"batch size {o.batch_size}")
+        buffer: list[dict] = []
+        last_flush = last_log = time.time()
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows = batch.to_pylist()
+            buffer += rows
+            counts.update(r["status"] for r in rows)
+            new_rows += len(rows)
+            now = time.time()
+            if len(buffer) >= o.rows_per_part or now - last_flush > 30:
+                store.commit(buffer)
+                buffer, last_flush = [], now
+            if now - last_log >= o.progress_seconds:
+                rate = counts["ok"] / max(now - t0, 1e-9)
+                log(f"  {new_rows} rows ({dict(counts)}), {rate:.2f} edits/s")
+                last_log = now
+        if buffer:
+            store.commit(buffer)
+
+    seconds = time.time() - t0
+    total = Counter(store.read(columns=["status"]).column("status").to_pylist())
+    summary = dict(new_rows=new_rows + len(shard_rows), new_by_status=dict(counts), total_by_status=dict(total),
+                   seconds=round(seconds, 2), edits_per_s=round(counts["ok"] / max(seconds, 1e-9), 3),
+                   output=str(Path(o.output).resolve()))
+    store.finish(summary)
+    log("done: " + json.dumps(summary))
+    return summary
