@@ -95,7 +95,9 @@ def _card(row: dict, score_columns: list[str], image_columns: dict, thumb: int) 
     card = {c: (None if row.get(c) is None else str(row[c])) for c in TEXT_COLUMNS}
     card["scores"] = {c: _number(row.get(c)) for c in score_columns}
     images, problems = {}, []
-    for role, col in image_columns.items():
+    for role, columns in image_columns.items():
+        # A manifest may have both edited_png and edited_jpg columns, one of them null in each row.
+        col = next((c for c in columns if row.get(c) is not None), None)
         try:
             images[role] = _thumbnail(row.get(col), thumb) if col else None
         except (OSError, ValueError, SyntaxError) as exc:  # a corrupt image in the manifest: say so on its card
@@ -132,8 +134,8 @@ def read_cards(files: list[Path], thumb: int = 256, limit: int | None = DEFAULT_
     schema = pq.read_schema(files[0])
     names = set(schema.names)
     score_columns = [f.name for f in schema if pa.types.is_floating(f.type)]
-    image_columns = {role: next((c for c in options if c in names), None) for role, options in IMAGE_COLUMNS.items()}
-    wanted = [c for c in TEXT_COLUMNS if c in names] + score_columns + [c for c in image_columns.values() if c]
+    image_columns = {role: [c for c in options if c in names] for role, options in IMAGE_COLUMNS.items()}
+    wanted = [c for c in TEXT_COLUMNS if c in names] + score_columns + [c for cs in image_columns.values() for c in cs]
     # Every row is counted (from the status column alone); images are decoded for the first `limit` rows only.
     counts: dict[str, int] = {}
     total = 0
@@ -150,7 +152,7 @@ def read_cards(files: list[Path], thumb: int = 256, limit: int | None = DEFAULT_
         "shown": len(cards),
         "by_status": counts,
         "scores": score_columns,
-        "has_source": image_columns["source"] is not None,
+        "has_source": bool(image_columns["source"]),
         "files": [str(f) for f in files],
     }
     return cards, summary

@@ -198,3 +198,28 @@ def test_gallery_without_a_browser(tmp_path):
     assert data["summary"]["rows"] == 2 and data["summary"]["shown"] == 1 and len(data["cards"]) == 1
     with pytest.raises(FileNotFoundError, match="No Parquet manifest"):
         write_gallery(tmp_path / "nothing-here")
+
+
+def test_gallery_of_the_job_schema_with_jpeg_edits(browser, tmp_path):
+    """The job's own schema (manifests/schema.py): both edited_png and edited_jpg columns, the png one null."""
+    schema = pytest.importorskip("diffedit.manifests.schema")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        mask = np.zeros((64, 64), np.uint8)
+        mask[10:40, 10:40] = 255
+        rows.append(schema.empty_row(
+            key=f"k{i}", edit_id=f"e{i}", edit_index=0, source_prompt="a red circle", target_prompt="a blue circle",
+            status="ok", seed=i, width=64, height=64, mask_png=png(mask), mask_fraction=0.22,
+            edited_jpg=buf.getvalue(), clip_directional=0.1 * i, ssim_bg=0.9,
+        ))
+    folder = tmp_path / "out" / "manifest"
+    folder.mkdir(parents=True)
+    pq.write_table(schema.to_table(rows), folder / "part-00000.parquet")
+    page = write_gallery(tmp_path / "out")
+    status, _ = page_status(browser, page, tmp_path / "profile", "#sort=clip_directional&desc=1")
+    assert status["errors"] == [] and status["cards"] == 3
+    assert status["images"] == 6 and status["decoded"] == 6
+    assert status["order"] == ["e2", "e1", "e0"]
