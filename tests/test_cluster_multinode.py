@@ -46,8 +46,12 @@ def harness() -> None:
     one JSON line each: `state`, `remove I`, `add`, `quit` (or end of input)."""
     import ray
     import ray._private.state as ray_state
+    import ray._private.utils
     from ray.cluster_utils import Cluster
 
+    # Cluster() records its address in /tmp/ray/ray_current_cluster, where a plain ray.init() in any other
+    # process of this machine (another test session) would find it and join it: keep it to ourselves.
+    ray._private.utils.write_ray_address = lambda *args, **kwargs: None
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -75,7 +79,9 @@ def harness() -> None:
                     for a in ray_state.actors().values()
                 ]
                 nodes = [{"node": n["NodeID"], "alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes()]
-                reply({"actors": actors, "nodes": nodes})
+                jobs = [{"job": j["JobID"], "entrypoint": j.get("Entrypoint", ""), "pid": j["DriverPid"]}
+                        for j in ray_state.state.job_table()]
+                reply({"actors": actors, "nodes": nodes, "jobs": jobs})
             elif cmd[0] == "remove":
                 node = workers.pop(int(cmd[1]))
                 cluster.remove_node(node, allow_graceful=False)
@@ -239,26 +245,30 @@ def finish(proc: subprocess.Popen, timeout=240) -> tuple[int, str]:
 
 
 def manifest_rows(out: Path):
-    """The committed manifest rows, read with pyarrow alone (the manifest's promise)."""
+    """The committed manifest rows (OUT/manifest/part-*.parquet), read with pyarrow alone."""
     import pyarrow.dataset as pads
 
-    files = sorted((out / "manifest").rglob("*.parquet"))
+    files = sorted((out / "manifest").glob("part-*.parquet"))
     assert files, f"no Parquet file under {out / 'manifest'}"
     return pads.dataset([str(f) for f in files], format="parquet").to_table().to_pylist()
 
 
-def job_actors(state, known_before: set[str] | None = None):
-    """The Ray Data map actors of the job(s) not started by the harness."""
-    return [a for a in state["actors"] if "MapWorker" in a["class"]]
+def job_actors(state, pid: int, started: bool = True):
+    """The edit actors of the `diffedit run` driver process `pid` (other sessions' drivers excluded)."""
+    jobs = {j["job"] for j in state["jobs"] if j["pid"] == pid}
+    if started:
+        assert len(jobs) == 1, f"driver {pid} is not (or more than once) in the cluster's job table"
+    return [a for a in state["actors"] if a["job"] in jobs and "EditActor" in a["class"]]
 
 
 @pytest.fixture(scope="module")
 def first_run(cluster, shards, model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out-first")
     t0 = time.time()
-    code, log = finish(start_job(cluster, run_args(shards, model_dir, out)))
+    job = start_job(cluster, run_args(shards, model_dir, out))
+    code, log = finish(job)
     state = cluster.ask("state")
-    return {"out": out, "code": code, "log": log, "state": state, "seconds": time.time() - t0}
+    return {"out": out, "code": code, "log": log, "state": state, "pid": job.pid, "seconds": time.time() - t0}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -275,20 +285,23 @@ def test_job_completes_on_the_cluster(first_run, shards):
 
 def test_actors_spread_over_the_gpu_nodes(first_run, cluster):
     """(a) The edit actors ran on both GPU nodes, and on nothing else."""
-    actors = job_actors(first_run["state"])
-    assert actors, "no Ray Data actor found in the cluster's actor table"
-    edit_nodes = {a["node"] for a in actors if a["node"] in cluster.workers}
-    assert edit_nodes == set(cluster.workers), f"actors on {len(edit_nodes)} of the 2 GPU nodes"
+    actors = job_actors(first_run["state"], first_run["pid"])
+    assert actors, "no edit actor of the job in the cluster's actor table"
+    nodes = {a["node"] for a in actors}
+    assert nodes == set(cluster.workers), f"edit actors on {len(nodes & set(cluster.workers))} of the 2 GPU nodes, " \
+        f"and on {len(nodes - set(cluster.workers))} other node(s)"
 
 
 def test_driver_on_a_node_without_gpus(first_run, cluster):
     """(c) The driver ran on the head, which has no GPU; the job still used the GPU nodes' GPUs."""
     nodes = {n["node"]: n for n in first_run["state"]["nodes"]}
     assert nodes[cluster.head]["resources"].get("GPU", 0) == 0
-    actors = job_actors(first_run["state"])
-    drivers = {a["owner_node"] for a in actors}
-    assert drivers == {cluster.head}, "the job's actors were created by a driver that is not on the head"
-    assert not [a for a in actors if a["node"] == cluster.head and "Edit" in a["class"]]
+    actors = job_actors(first_run["state"], first_run["pid"])
+    assert {a["owner_node"] for a in actors} == {cluster.head}, "the job's driver is not on the head"
+    assert actors and not [a for a in actors if a["node"] == cluster.head], "edit actors on the GPU-less head"
+    # The job chose GPU actors from the cluster's resources, though the driver's node has none.
+    chosen = [line for line in first_run["log"].splitlines() if line.startswith("editing with")]
+    assert chosen and "GPU" in chosen[0], first_run["log"][-2000:]
 
 
 def test_worker_node_removed_mid_job(cluster, shards, model_dir, tmp_path):
@@ -302,7 +315,7 @@ def test_worker_node_removed_mid_job(cluster, shards, model_dir, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         state = cluster.ask("state")
-        alive = {a["node"] for a in job_actors(state) if a["state"] == "ALIVE"}
+        alive = {a["node"] for a in job_actors(state, job.pid, started=False) if a["state"] == "ALIVE"}
         if set(cluster.workers) <= alive:
             break
         assert job.poll() is None, "the job ended before its actors were up on both GPU nodes"
