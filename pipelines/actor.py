@@ -12,10 +12,10 @@ import traceback
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 from PIL import Image
 
-from ..manifests.schema import SCHEMA, edit_id, empty_row
+from ..manifests.schema import edit_id, empty_row, to_table
 from .inputs import open_image, sample_from_row
 from .prompts import PromptSpec
 
@@ -90,8 +90,8 @@ class EditActor:
             self.model.compile()
         self.config = EditConfig.from_flat(options.edit or {})
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = batch.to_dict("records")
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
         pending = []
         for r in rows:
             if r["status"] != "pending":
@@ -105,8 +105,7 @@ class EditActor:
                 r.update(status="error", error=str(exc))
         if pending:
             self._edit(pending)
-        out = [{name: _clean(r.get(name)) for name in SCHEMA.names} for r in rows]
-        return pd.DataFrame(out, columns=SCHEMA.names)
+        return to_table(rows)
 
     def _edit(self, rows: list[dict]) -> None:
         try:
@@ -150,10 +149,3 @@ class EditActor:
 
 def _has(value) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
-
-
-def _clean(value):
-    """pandas' NaN for a missing value -> None, so Arrow sees a null."""
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return value

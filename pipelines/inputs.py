@@ -15,7 +15,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MASK_MEMBERS = ("mask.png", "mask")
@@ -130,6 +130,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             if w * h > max_pixels:
                 raise ValueError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (--max-pixels)")
             im.load()
+            im = ImageOps.exif_transpose(im)  # upright first: the sizes recorded are the upright ones
             return im.copy() if im.mode != "P" else im.convert("RGBA")
     except ValueError:
         raise

@@ -103,7 +103,10 @@ def run_job(o: JobOptions, log=print) -> dict:
     )
     del probe
     store = OutputStore(o.output)
+    previous = None if o.overwrite else store.read_run()
     store.begin(run, overwrite=o.overwrite)
+    already_done = bool(previous and previous.get("completed") and previous.get("inputs") == o.inputs
+                        and previous.get("options", {}).get("limit") == o.limit)
     committed = frozenset(store.committed_ids())
     log(f"diffedit run: {len(shards)} shard(s), {len(committed)} edit(s) already committed in {o.output}")
 
@@ -124,7 +127,9 @@ def run_job(o: JobOptions, log=print) -> dict:
         counts.update(r["status"] for r in shard_rows)
 
     # 3. The Ray Data chain.
-    if good:
+    if already_done:
+        log("nothing left to edit: the last run of this command completed")
+    elif good:
         ray = _init_ray(o.address)
         gpus = ray.cluster_resources().get("GPU", 0) if o.device != "cpu" else 0
         if gpus:
@@ -147,26 +152,33 @@ def run_job(o: JobOptions, log=print) -> dict:
         if o.limit is not None:
             ds = ds.limit(o.limit)
         ds = ds.flat_map(expand).map_batches(
-            EditActor, fn_constructor_args=(actor_options,), batch_size=o.batch_size, batch_format="pandas",
+            EditActor, fn_constructor_args=(actor_options,), batch_size=o.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors), **resources,
         )
         log(f"editing with {actors} actor(s) ({'GPU x %g each' % o.gpus_per_actor if gpus else 'CPU'}), "
             f"batch size {o.batch_size}")
         buffer: list[dict] = []
         last_flush = last_log = time.time()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = batch.to_pylist()
-            buffer += rows
-            counts.update(r["status"] for r in rows)
-            new_rows += len(rows)
-            now = time.time()
-            if len(buffer) >= o.rows_per_part or now - last_flush > 30:
-                store.commit(buffer)
-                buffer, last_flush = [], now
-            if now - last_log >= o.progress_seconds:
-                rate = counts["ok"] / max(now - t0, 1e-9)
-                log(f"  {new_rows} rows ({dict(counts)}), {rate:.2f} edits/s")
-                last_log = now
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = batch.to_pylist()
+                buffer += rows
+                counts.update(r["status"] for r in rows)
+                new_rows += len(rows)
+                now = time.time()
+                if len(buffer) >= o.rows_per_part or now - last_flush > 30:
+                    store.commit(buffer)
+                    buffer, last_flush = [], now
+                if now - last_log >= o.progress_seconds:
+                    rate = counts["ok"] / max(now - t0, 1e-9)
+                    log(f"  {new_rows} rows ({dict(counts)}), {rate:.2f} edits/s")
+                    last_log = now
+        except Exception as exc:
+            # Ray Data cancels an actor pool that is still starting when no row reaches it (every edit
+            # already committed) and reports that as an actor death: nothing was left to do.
+            if new_rows or "never ran" not in str(exc):
+                raise
+            log("nothing left to edit: every edit of these shards is committed")
         if buffer:
             store.commit(buffer)
 

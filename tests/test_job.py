@@ -1,0 +1,224 @@
+"""The whole job on a real local Ray, real WebDataset tars and a tiny real model on CPU."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from diffedit.manifests.store import OutputStore, ParameterMismatch, schema_version
+from diffedit.pipelines.cli import main as cli_main
+from diffedit.pipelines.job import JobOptions, run_job
+
+FAST = dict(steps=4, mask_samples=2)
+RULES = "rules:\n  - from: red\n    to: [blue, green]\n"
+
+
+def png(image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def scene(i: int) -> Image.Image:
+    rng = np.random.default_rng(i)
+    w, h = int(rng.integers(20, 60)), int(rng.integers(20, 60))  # odd sizes on purpose
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """3 shards x 8 samples; 7 of 8 captions match the rule (2 edits each), 1 matches nothing."""
+    folder = tmp_path_factory.mktemp("shards")
+    sizes = {}
+    for s in range(3):
+        with wds.TarWriter(str(folder / f"data-{s:06d}.tar")) as sink:
+            for i in range(8):
+                key = f"s{s}-{i:02d}"
+                image = scene(s * 10 + i)
+                sizes[key] = image.size
+                caption = "a red circle on a gray background" if i < 7 else "a green star"
+                sink.write({"__key__": key, "png": png(image), "txt": caption})
+    (folder / "rules.yaml").write_text(RULES)
+    return {"pattern": str(folder / "data-{000000..000002}.tar"), "rules": str(folder / "rules.yaml"), "sizes": sizes}
+
+
+def job(shards, out, **kw):
+    options = dict(inputs=[shards["pattern"]], output=str(out), model=kw.pop("model"), prompts=shards["rules"],
+                   edit=dict(FAST), batch_size=4)
+    options.update(kw)
+    return run_job(JobOptions(**options), log=lambda *a: None)
+
+
+def read(out) -> pd.DataFrame:
+    files = sorted((Path(out) / "manifest").glob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)  # plain pandas, no diffedit
+
+
+@pytest.fixture(scope="module")
+def first(shards, tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "job"
+    summary = job(shards, out, model=str(tiny_model_dir))
+    return out, summary
+
+
+def test_end_to_end_rows_and_sizes(first, shards):
+    out, summary = first
+    df = read(out)
+    assert len(df) == 3 * (7 * 2 + 1)
+    assert summary["total_by_status"] == {"ok": 42, "skipped": 3}
+    assert set(df[df.status == "ok"].target_prompt) == {"a blue circle on a gray background",
+                                                          "a green circle on a gray background"}
+    assert df.edit_id.is_unique and df.groupby("key").size().max() == 2
+    skipped = df[df.status == "skipped"]
+    assert set(skipped.key) == {"s0-07", "s1-07", "s2-07"} and (skipped.error == "no prompt rule matches").all()
+    for row in df[df.status == "ok"].itertuples():
+        size = shards["sizes"][row.key]
+        assert Image.open(io.BytesIO(row.edited_png)).size == size
+        mask = Image.open(io.BytesIO(row.mask_png))
+        assert mask.size == size and mask.mode == "L"
+        assert (row.width, row.height) == size and 0 <= row.mask_fraction <= 1
+    part = next((Path(out) / "manifest").glob("part-*.parquet"))
+    assert schema_version(part) == "1"
+    run = OutputStore(out).read_run()
+    assert run["completed"] and run["edit"]["steps"] == 4 and len(run["model_fingerprint"]) == 64
+
+
+def test_batch_size_does_not_change_results(first, shards, tiny_model_dir, tmp_path):
+    out, _ = first
+    other = tmp_path / "bs1"
+    job(shards, other, model=str(tiny_model_dir), batch_size=1, limit=6)
+    a = read(out).set_index("edit_id")
+    b = read(other).set_index("edit_id")
+    assert len(b) > 0
+    for eid, row in b.iterrows():
+        if row.status != "ok":
+            continue
+        assert row.mask_png == a.loc[eid].mask_png
+        x = np.asarray(Image.open(io.BytesIO(row.edited_png)), dtype=int)
+        y = np.asarray(Image.open(io.BytesIO(a.loc[eid].edited_png)), dtype=int)
+        assert np.abs(x - y).max() <= 1  # float rounding at an 8-bit boundary at most
+
+
+def test_rerun_skips_committed_rows_and_changed_parameters_are_refused(first, shards, tiny_model_dir):
+    out, _ = first
+    parts = {p: p.stat().st_mtime_ns for p in (Path(out) / "manifest").glob("part-*.parquet")}
+    summary = job(shards, out, model=str(tiny_model_dir))
+    assert summary["new_rows"] == 0 and summary["total_by_status"] == {"ok": 42, "skipped": 3}
+    assert {p: p.stat().st_mtime_ns for p in (Path(out) / "manifest").glob("part-*.parquet")} == parts
+    with pytest.raises(ParameterMismatch, match="steps"):
+        job(shards, out, model=str(tiny_model_dir), edit=dict(FAST, steps=5))
+
+
+def test_status_and_export(first, tmp_path, capsys):
+    out, _ = first
+    assert cli_main(["status", str(out)]) == 0
+    assert '"ok": 42' in capsys.readouterr().out
+    assert cli_main(["export", str(out), "--to", str(tmp_path / "ex"), "--where", "mask_fraction >= 0"]) == 0
+    samples = list(wds.WebDataset(str(tmp_path / "ex" / "edits-000000.tar"), shardshuffle=False))
+    assert len(samples) == 42 and {"png", "mask.png", "json", "txt"} <= set(samples[0])
+    assert cli_main(["export", str(out), "--to", str(tmp_path / "bad"), "--where", "nonsense >"]) == 2
+
+
+def test_resume_after_sigkill(shards, tiny_model_dir, tmp_path):
+    """Kill the job's whole process group part-way; the rerun completes with exactly one row per edit,
+    without recomputing what was committed."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "diffedit.pipelines.cli", "run", shards["pattern"], "--output", str(out),
+           "--model", str(tiny_model_dir), "--prompts", shards["rules"], "--steps", "4", "--mask-samples", "2",
+           "--batch-size", "2", "--rows-per-part", "2"]
+    env = dict(os.environ, RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 180
+    parts = []
+    while time.time() < deadline and proc.poll() is None:
+        parts = list((out / "manifest").glob("part-*.parquet")) if (out / "manifest").exists() else []
+        if len(parts) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "manifest").glob("part-*.parquet")}
+    committed = len(read(out)) if before else 0
+    assert 0 < committed < 45, f"{committed} rows committed before the kill: not part-way"
+    summary = job(shards, out, model=str(tiny_model_dir))
+    df = read(out)
+    assert len(df) == 45 and df.edit_id.is_unique
+    assert summary["new_rows"] == 45 - committed  # committed rows were not recomputed
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "manifest").glob("part-*.parquet")}
+    assert all(after[name] == t for name, t in before.items())
+    assert not list((out / "manifest").glob(".tmp-*"))
+
+
+# -- bad inputs ------------------------------------------------------------------------------------
+
+
+def bad_samples():
+    good = scene(99)
+    rgb = png(good)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    cmyk = io.BytesIO()
+    good.convert("CMYK").save(cmyk, "JPEG")
+    sixteen = Image.fromarray((np.random.default_rng(1).integers(0, 65535, (21, 17))).astype(np.uint16))
+    huge = Image.new("L", (3000, 3000), 128)  # 9 MP, over the test's --max-pixels
+    return [
+        ("ok-rgb", {"png": rgb, "txt": "a red circle"}, "ok"),
+        ("ok-L", {"png": png(good.convert("L")), "txt": "a red circle"}, "ok"),
+        ("ok-LA", {"png": png(good.convert("LA")), "txt": "a red circle"}, "ok"),
+        ("ok-P", {"png": png(good.convert("P")), "txt": "a red circle"}, "ok"),
+        ("ok-RGBA", {"png": png(good.convert("RGBA")), "txt": "a red circle"}, "ok"),
+        ("ok-CMYK", {"jpg": cmyk.getvalue(), "txt": "a red circle"}, "ok"),
+        ("ok-I16", {"png": png(sixteen), "txt": "a red circle"}, "ok"),
+        ("ok-exif", {"jpg": png(good.convert("RGB"), "JPEG", exif=exif), "txt": "a red circle"}, "ok"),
+        ("ok-1x1", {"png": png(Image.new("RGB", (1, 1), (255, 0, 0))), "txt": "a red circle"}, "ok"),
+        ("ok-json-caption", {"png": rgb, "json": b'{"caption": "a red circle"}'}, "ok"),
+        ("weird/../key", {"png": rgb, "txt": "a red circle"}, "ok"),
+        ("bad-corrupt", {"png": b"\x89PNG\r\n\x1a\nthis is not a png", "txt": "a red circle"}, "error"),
+        ("bad-truncated", {"png": rgb[: len(rgb) // 2], "txt": "a red circle"}, "error"),
+        ("bad-huge", {"png": png(huge), "txt": "a red circle"}, "error"),
+        ("no-caption", {"png": rgb}, "skipped"),
+        ("no-image", {"txt": "a red circle"}, "error"),
+    ]
+
+
+def test_bad_inputs_never_stop_the_job(tiny_model_dir, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    samples = bad_samples()
+    with wds.TarWriter(str(folder / "mixed.tar")) as sink:
+        for key, members, _ in samples:
+            sink.write({"__key__": key, **members})
+    (folder / "not-a-tar.tar").write_bytes(b"hello, I am text" * 100)
+    (folder / "empty.tar").write_bytes(b"")
+    good_tar = (folder / "mixed.tar").read_bytes()
+    (folder / "truncated.tar").write_bytes(good_tar[: len(good_tar) // 3])
+    (folder / "rules.yaml").write_text(RULES.replace("[blue, green]", "blue"))
+    out = tmp_path / "out"
+    summary = run_job(JobOptions(inputs=[str(folder / "*.tar")], output=str(out), model=str(tiny_model_dir),
+                                 prompts=str(folder / "rules.yaml"), edit=dict(FAST), batch_size=4,
+                                 max_pixels=4_000_000), log=lambda *a: None)
+    df = read(out)
+    got = {r.key: (r.status, r.error) for r in df.itertuples()}
+    for key, _, expected in samples:
+        assert got.get(key, ("missing",))[0] == expected, (key, got.get(key))
+    for name in ("not-a-tar.tar", "empty.tar", "truncated.tar"):
+        status, error = got[f"<shard {name}>"]
+        assert status == "error" and name in error
+    assert "over the limit" in got["bad-huge"][1] and "decode" in got["bad-truncated"][1]
+    assert summary["total_by_status"]["ok"] == 11
+    ok = df[df.status == "ok"].set_index("key")
+    assert Image.open(io.BytesIO(ok.loc["ok-exif"].edited_png)).size == (scene(99).size[1], scene(99).size[0])
+    assert Image.open(io.BytesIO(ok.loc["ok-1x1"].mask_png)).size == (1, 1)
