@@ -66,6 +66,7 @@ class ActorOptions:
     max_batch: int | None = None
     compile: bool = False
     pad_batches_to: int | None = None
+    scores: dict | None = None  # ScoreConfig fields; None: no scoring
 
 
 def encode_image(image: Image.Image, fmt: str) -> bytes:
@@ -89,6 +90,11 @@ class EditActor:
         if options.compile:
             self.model.compile()
         self.config = EditConfig.from_flat(options.edit or {})
+        self.scorer = None
+        if options.scores is not None:
+            from ..stages.scores import ScoreConfig, Scorer
+
+            self.scorer = Scorer(ScoreConfig(**{**options.scores, "device": str(self.model.device)}))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -133,9 +139,15 @@ class EditActor:
         sizes = [(r["width"], r["height"]) for r in rows]
         edited = tensor_to_images(out.edited_BCHW, sizes)
         full = upsample_map(out.mask_Bhw, (res, res))
+        masks_full = [mask_to_image(full[i], sizes[i]) for i in range(len(rows))]
         column = "edited_jpg" if self.options.image_format == "jpeg" else "edited_png"
+        if self.scorer is not None:
+            scores = self.scorer.score([r["_pil"] for r in rows], edited, masks_full,
+                                       [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows])
+            for i, r in enumerate(rows):
+                r.update({name: values[i] for name, values in scores.items() if name != "mask_fraction"})
         for i, r in enumerate(rows):
-            mask = mask_to_image(full[i], sizes[i])
+            mask = masks_full[i]
             r.update(
                 status="ok", error=None, mask_png=encode_image(mask, "png"), mask_inferred=out.inferred[i],
                 mask_fraction=float(np.asarray(mask).mean() / 255.0),

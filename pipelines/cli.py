@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-latents", action="store_true", help="store the edited latents in the manifest")
     run.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
     run.add_argument("--max-batch", type=int, default=64, help="cap on one UNet call's batch (bounds GPU memory)")
+    run.add_argument("--no-scores", dest="scores", action="store_false",
+                     help="skip the quality scores (CLIP, directional CLIP, LPIPS, background PSNR/SSIM)")
+    run.add_argument("--clip-model", help="open_clip architecture name or model folder (default: the shipped shapes CLIP)")
+    run.add_argument("--clip-weights", help="local CLIP checkpoint (.safetensors) for --clip-model")
+    run.add_argument("--lpips-weights", help="LPIPS backbone weights (torchvision); default: torch hub's cache, else null")
     run.add_argument("--rows-per-part", type=int, default=256, help="rows per committed Parquet part (the unit of resume)")
     run.add_argument("--compile", action="store_true", help="torch.compile the UNet in each actor (GPU; ~1 min start)")
     run.set_defaults(func=_run)

@@ -48,6 +48,10 @@ class JobOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int | None = 64  # UNet micro-batch cap: bounds GPU memory (docs/BENCHMARKS.md)
     compile: bool = False
+    scores: bool = True  # CLIP / LPIPS / region scores in every ok row (stages/scores.py)
+    clip_model: str | None = None
+    clip_weights: str | None = None
+    lpips_weights: str | None = None
     rows_per_part: int = 256
     progress_seconds: float = 5.0
 
@@ -93,12 +97,21 @@ def run_job(o: JobOptions, log=print) -> dict:
     spec = PromptSpec.load(o.prompts)
     probe = load_model(model_path, device="cpu", dtype="fp32")  # recommended defaults + fingerprint
     config = EditConfig.from_flat(probe.recommended, **o.edit)
+    score_options = None
+    scores_described = None
+    if o.scores:
+        from ..stages.scores import ScoreConfig, Scorer
+
+        score_options = dict(clip_model=o.clip_model, clip_weights=o.clip_weights, lpips_weights=o.lpips_weights)
+        scores_described = Scorer(ScoreConfig(**score_options, device="cpu")).describe()  # what will score, or why not
+        for column, reason in scores_described["unavailable"].items():
+            log(f"note: {column} will be null: {reason}")
     prompts_digest = hashlib.sha256(Path(o.prompts).read_bytes()).hexdigest()[:16] if o.prompts else "default"
     run = dict(
         edit=config.flat(), seed=o.seed, model=probe.source, model_fingerprint=probe.fingerprint(),
         model_recommended=probe.recommended, image_format=o.image_format, prompts=prompts_digest,
         caption_field=o.caption_field, save_latents=o.save_latents, resolution=probe.resolution,
-        inputs=o.inputs, shards=len(shards), versions=_versions(), scores=None,
+        inputs=o.inputs, shards=len(shards), versions=_versions(), scores=scores_described,
         options={k: v for k, v in asdict(o).items() if k not in ("edit", "inputs")},
     )
     del probe
@@ -140,7 +153,7 @@ def run_job(o: JobOptions, log=print) -> dict:
         actor_options = ActorOptions(
             model=model_path, device=o.device, dtype=o.dtype, edit=config.flat(), image_format=o.image_format,
             save_latents=o.save_latents, max_pixels=o.max_pixels, max_batch=o.max_batch, compile=o.compile,
-            pad_batches_to=o.batch_size if o.compile else None,
+            pad_batches_to=o.batch_size if o.compile else None, scores=score_options,
         )
         expand_options = ExpandOptions(spec, o.caption_field, o.seed)
         committed_ref = ray.put(committed)
