@@ -144,7 +144,10 @@ def run_job(o: JobOptions, log=print) -> dict:
         log("nothing left to edit: the last run of this command completed")
     elif good:
         ray = _init_ray(o.address)
+        # GPU actors when the cluster has GPUs, or when --num-gpus asks for them: an autoscaling cluster
+        # may have no GPU node yet, and GPU actors are what make it start some.
         gpus = ray.cluster_resources().get("GPU", 0) if o.device != "cpu" else 0
+        gpus = gpus or (o.num_gpus * o.gpus_per_actor if o.num_gpus and o.device != "cpu" else 0)
         if gpus:
             actors = o.num_gpus or max(1, int(gpus // o.gpus_per_actor))
             resources = dict(num_gpus=o.gpus_per_actor)
