@@ -277,6 +277,24 @@ def run_parser() -> argparse.ArgumentParser:
     raise AssertionError("the diffedit parser has no `run` subcommand")
 
 
+def option_values(argv: list[str], option: str) -> list[str]:
+    values = [argv[i + 1] for i, t in enumerate(argv[:-1]) if t == option]
+    return values + [t.split("=", 1)[1] for t in argv if t.startswith(option + "=")]
+
+
+@pytest.mark.parametrize("where_argv", diffedit_run_commands(), ids=lambda c: f"{c[0]}:{' '.join(c[1])[:40]}")
+def test_cluster_commands_fit_a_cluster(where_argv):
+    """--output is an absolute local path: the driver commits the manifest with local renames
+    (manifests/store.py has no s3:// writer), and a relative path would land in the job's temporary
+    working directory, lost to a rerun. --num-gpus is given: both clusters start with no GPU node, and
+    without it the job sizes its pool from the GPUs present at start (none)."""
+    where, argv = where_argv
+    (output,) = option_values(argv, "--output") or option_values(argv, "-o")
+    assert output.startswith("/") and "://" not in output, f"{where}: --output {output}"
+    (num_gpus,) = option_values(argv, "--num-gpus")
+    assert int(num_gpus) >= 1
+
+
 @pytest.mark.parametrize("where_argv", diffedit_run_commands(), ids=lambda c: f"{c[0]}:{' '.join(c[1])[:40]}")
 def test_diffedit_run_commands_parse_with_the_real_cli(where_argv):
     where, argv = where_argv

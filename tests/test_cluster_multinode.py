@@ -6,7 +6,9 @@ the CPU (torch sees no CUDA device here) with a tiny real model. Checked, with t
   (a) the edit actors spread over both GPU nodes;
   (b) a GPU node removed mid-job: the job completes through Ray's retries, or a rerun of the same command
       completes it, and the manifest ends with exactly one row per (sample, edit), none lost;
-  (c) the driver runs on the GPU-less head, and the edits still go to GPU actors on the GPU nodes.
+  (c) the driver runs on the GPU-less head, and the edits still go to GPU actors on the GPU nodes;
+  (d) autoscaling from 0: with `--num-gpus`, a job started before any GPU node exists waits for one (as
+      the autoscaler would add) and edits there, rather than falling back to a CPU actor on the head.
 
 The cluster lives in a child process (this file run as a script, driven over stdin/stdout), so this
 module never calls ray.init or ray.shutdown in the pytest process: a local Ray that another test module
@@ -81,10 +83,10 @@ def harness() -> None:
                 nodes = [{"node": n["NodeID"], "alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes()]
                 jobs = [{"job": j["JobID"], "entrypoint": j.get("Entrypoint", ""), "pid": j["DriverPid"]}
                         for j in ray_state.state.job_table()]
-                reply({"actors": actors, "nodes": nodes, "jobs": jobs})
-            elif cmd[0] == "remove":
+                reply({"actors": actors, "nodes": nodes, "jobs": jobs, "resources": ray.cluster_resources()})
+            elif cmd[0] == "remove":  # remove I [graceful]: killed at once, or drained and unregistered
                 node = workers.pop(int(cmd[1]))
-                cluster.remove_node(node, allow_graceful=False)
+                cluster.remove_node(node, allow_graceful=cmd[2:] == ["graceful"])
                 reply({"removed": node.node_id})
             elif cmd[0] == "add":
                 node = cluster.add_node(num_cpus=2, num_gpus=1)
@@ -137,8 +139,8 @@ class ClusterHandle:
         self.proc.stdin.flush()
         return self._reply(timeout)
 
-    def remove_worker(self, i: int) -> str:
-        removed = self.ask(f"remove {i}")["removed"]
+    def remove_worker(self, i: int, graceful: bool = False) -> str:
+        removed = self.ask(f"remove {i}" + (" graceful" if graceful else ""))["removed"]
         self.workers.remove(removed)
         return removed
 
@@ -338,6 +340,28 @@ def test_worker_node_removed_mid_job(cluster, shards, model_dir, tmp_path):
     assert sorted(r["key"] for r in rows) == shards["keys"], "rows lost"
     assert {r["status"] for r in rows} == {"ok"}
     print(f"node {removed[:8]} removed mid-job; {'completed by a rerun' if reran else 'completed through Ray retries'}")
+
+
+def test_gpu_actors_requested_before_gpu_nodes_exist(cluster, shards, model_dir, tmp_path):
+    """Autoscaling from 0: the job starts on a cluster with no GPU node and `--num-gpus 1`; a GPU node joins
+    after the driver has started (what the autoscaler does for pending GPU actors). The edit actor must wait
+    for it and run there, not fall back to a CPU actor on the head."""
+    while cluster.workers:
+        cluster.remove_worker(0, graceful=True)
+    deadline = time.time() + 60
+    while cluster.ask("state")["resources"].get("GPU", 0) > 0:
+        assert time.time() < deadline, "the removed GPU nodes are still counted in the cluster's resources"
+        time.sleep(0.5)
+    job = start_job(cluster, run_args(shards, model_dir, tmp_path / "out") + ["--num-gpus", "1", "--limit", "4"])
+    deadline = time.time() + 120
+    while not [j for j in cluster.ask("state")["jobs"] if j["pid"] == job.pid]:
+        assert job.poll() is None and time.time() < deadline, "the driver never joined the cluster"
+        time.sleep(0.5)
+    gpu_node = cluster.add_worker()
+    code, log = finish(job)
+    assert code == 0, log[-4000:]
+    actors = job_actors(cluster.ask("state"), job.pid)
+    assert actors and {a["node"] for a in actors} == {gpu_node}, "the edits did not run on the GPU node"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["harness"]:
