@@ -84,7 +84,7 @@ def run_job(o: JobOptions, log=print) -> dict:
     """Run (or resume) the job; returns the summary it prints."""
     from ..stages.config import EditConfig
     from ..stages.editor import SHIPPED_MODEL
-    from ..stages.model import load_model
+    from ..stages.model import describe_model
 
     t0 = time.time()
     # 1. Inputs, prompts and parameters, checked on the driver before any work starts.
@@ -95,8 +95,8 @@ def run_job(o: JobOptions, log=print) -> dict:
     bad = {s: why for s in shards if (why := check_local_shard(s))}
     good = [s for s in shards if s not in bad]
     spec = PromptSpec.load(o.prompts)
-    probe = load_model(model_path, device="cpu", dtype="fp32")  # recommended defaults + fingerprint
-    config = EditConfig.from_flat(probe.recommended, **o.edit)
+    probe = describe_model(model_path)  # recommended defaults + fingerprint, without loading weights
+    config = EditConfig.from_flat(probe["recommended"], **o.edit)
     score_options = None
     scores_described = None
     if o.scores:
@@ -108,13 +108,12 @@ def run_job(o: JobOptions, log=print) -> dict:
             log(f"note: {column} will be null: {reason}")
     prompts_digest = hashlib.sha256(Path(o.prompts).read_bytes()).hexdigest()[:16] if o.prompts else "default"
     run = dict(
-        edit=config.flat(), seed=o.seed, model=probe.source, model_fingerprint=probe.fingerprint(),
-        model_recommended=probe.recommended, image_format=o.image_format, prompts=prompts_digest,
-        caption_field=o.caption_field, save_latents=o.save_latents, resolution=probe.resolution,
+        edit=config.flat(), seed=o.seed, model=probe["source"], model_fingerprint=probe["fingerprint"],
+        model_recommended=probe["recommended"], image_format=o.image_format, prompts=prompts_digest,
+        caption_field=o.caption_field, save_latents=o.save_latents, resolution=probe["resolution"],
         inputs=o.inputs, shards=len(shards), versions=_versions(), scores=scores_described,
         options={k: v for k, v in asdict(o).items() if k not in ("edit", "inputs")},
     )
-    del probe
     store = OutputStore(o.output)
     previous = None if o.overwrite else store.read_run()
     store.begin(run, overwrite=o.overwrite)

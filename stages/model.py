@@ -204,6 +204,34 @@ class DiffEditModel:
         return self._fingerprint
 
 
+def describe_model(model: str | Path) -> dict:
+    """What the job's driver needs without loading weights: resolution, recommended defaults, fingerprint.
+
+    For a local folder the fingerprint is a sha256 over the weight and config files (fast even for SD
+    scale); for a hub id the model is loaded once to fingerprint its tensors.
+    """
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        m = load_model(model, device="cpu", dtype="fp32")
+        return dict(source=m.source, resolution=m.resolution, recommended=m.recommended, fingerprint=m.fingerprint())
+    check_model_folder(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt"))):
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    recommended_file = path / RECOMMENDED_DEFAULTS_FILE
+    return dict(
+        source=str(path.resolve()),
+        resolution=int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+        recommended=json.loads(recommended_file.read_text()) if recommended_file.is_file() else {},
+        fingerprint=h.hexdigest(),
+    )
+
+
 def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> DiffEditModel:
     """Load a Stable Diffusion 1.x/2.x diffusers checkpoint from a local folder or a hub id.
 

@@ -1,0 +1,110 @@
+"""The whole `diffedit run` job on one GPU against the engine in-process, at SD 1.5 scale (issue 6 (c)),
+and the scheduling path of two actors of 0.5 GPU each on the same GPU (issue 8's one-GPU check).
+
+    python bench/bench_job_gpu.py --out $OUT [--images 96] [--batch-size 32]
+
+SD 1.5's architecture with random weights (see bench_gpu.py) is saved as a diffusers folder and loaded by
+the job's actors like any checkpoint; shards of random 512x512 JPEGs are written with webdataset's writer.
+Paper defaults (unconditional encoding), fp16, scores off (the CLIP would be the shapes one, meaningless here).
+Both the engine and the job run eagerly (no torch.compile), so the ratio measures the job's plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench_gpu import SOURCE, TARGET, build_sd15  # noqa: E402  (run from the repo root: python bench/...)
+
+
+def save_model(folder: Path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    m = build_sd15(torch.device("cpu"), torch.float16, False, folder / "_work")
+    StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                            scheduler=DDIMScheduler(**m.scheduler_config), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder / "sd15")
+    return folder / "sd15"
+
+
+def write_shards(folder: Path, images: int, per_shard: int = 16) -> str:
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range((images + per_shard - 1) // per_shard):
+        with wds.TarWriter(str(folder / f"bench-{s:06d}.tar")) as sink:
+            for i in range(min(per_shard, images - s * per_shard)):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+                sink.write({"__key__": f"{s:06d}-{i:04d}", "jpg": buf.getvalue(), "txt": SOURCE})
+    (folder / "rules.yaml").write_text("rules:\n  - from: dog\n    to: cat\n")
+    return str(folder / "bench-*.tar")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    work = Path("/tmp/bench_job")
+    model_dir = save_model(work)
+    pattern = write_shards(work / "shards", args.images)
+    rows = []
+
+    def record(**row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "bench_job_gpu.json").write_text(json.dumps(rows, indent=1))
+
+    # (b/d) the engine in-process, same images, same batch size, paper defaults.
+    from diffedit.stages.config import EditConfig
+    from diffedit.stages.editor import edit_batch
+    from diffedit.stages.images import images_to_tensor
+    from diffedit.stages.model import load_model
+    from diffedit.stages.randomness import edit_seed
+
+    model = load_model(model_dir, device="cuda", dtype="fp16")
+    rng = np.random.default_rng(0)
+    pil = [Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)) for _ in range(args.batch_size)]
+    x = images_to_tensor(pil, 512).to("cuda", torch.float16)
+    seeds = [edit_seed(0, str(i), 0) for i in range(args.batch_size)]
+    n = args.batch_size
+    edit_batch(model, x[:2], [SOURCE] * 2, [TARGET] * 2, seeds[:2], EditConfig(), max_batch=64)  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    reps = max(1, args.images // n)
+    for _ in range(reps):
+        edit_batch(model, x, [SOURCE] * n, [TARGET] * n, seeds, EditConfig(), max_batch=64)
+    torch.cuda.synchronize()
+    engine_eps = reps * n / (time.perf_counter() - t)
+    record(variant="(d) engine in-process, paper defaults", edits_per_s=engine_eps, images=reps * n)
+    del model
+    torch.cuda.empty_cache()
+
+    # (c) the whole job, one actor on the GPU; then two actors of 0.5 GPU each.
+    from diffedit.pipelines.job import JobOptions, run_job
+
+    for name, kw in (("(c) diffedit run, 1 actor x 1 GPU", dict(gpus_per_actor=1.0)),
+                     ("issue 8: diffedit run, 2 actors x 0.5 GPU", dict(gpus_per_actor=0.5, num_gpus=2))):
+        out = work / name.split(":")[0].replace(" ", "_").replace("(", "").replace(")", "")
+        t = time.perf_counter()
+        summary = run_job(JobOptions(inputs=[pattern], output=str(out), model=str(model_dir),
+                                     prompts=str(work / "shards" / "rules.yaml"), batch_size=args.batch_size,
+                                     dtype="fp16", scores=False, overwrite=True, **kw))
+        wall = time.perf_counter() - t
+        ok = summary["total_by_status"].get("ok", 0)
+        record(variant=name, edits=ok, wall_s=wall, edits_per_s=ok / wall, job_summary=summary,
+               share_of_engine=(ok / wall) / engine_eps)
+
+
+if __name__ == "__main__":
+    main()
