@@ -79,7 +79,7 @@ class OutputStore:
     def commit(self, rows: list[dict] | pa.Table) -> Path:
         table = rows if isinstance(rows, pa.Table) else to_table(rows)
         name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = self.parts / f".tmp-{name}"
+        tmp = self.parts / f".tmp-{name}.partial"  # hidden, and no .parquet suffix: no reader globs it
         pq.write_table(table.replace_schema_metadata(SCHEMA.metadata), tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -1,0 +1,88 @@
+"""The manifest store without Ray: atomic parts, the committed set, refusal of changed parameters, status, export."""
+
+import io
+import json
+import tarfile
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from diffedit.manifests.export import export, status
+from diffedit.manifests.schema import SCHEMA, SCHEMA_VERSION, edit_id, empty_row
+from diffedit.manifests.store import OutputStore, ParameterMismatch, schema_version
+
+
+def png(size, color=0):
+    buf = io.BytesIO()
+    Image.new("L", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def rows(n, start=0):
+    out = []
+    for i in range(start, start + n):
+        key = f"a/../{i}"  # a hostile key: must never become a path
+        out.append(empty_row(key=key, edit_id=edit_id(key, 0, "a red dog", "a blue dog"), edit_index=0, shard="s.tar",
+                             source_prompt="a red dog", target_prompt="a blue dog", status="ok", seed=i, width=5,
+                             height=3, mask_png=png((5, 3), 255), mask_fraction=1.0, edited_png=png((5, 3)),
+                             clip_target=0.1 * i))
+    return out
+
+
+RUN = dict(edit={"steps": 4}, seed=0, model_fingerprint="abc", image_format="png", prompts="default",
+           caption_field="txt", save_latents=False, resolution=32, scores=None)
+
+
+def test_parts_are_atomic_and_committed_set_is_their_union(tmp_path):
+    store = OutputStore(tmp_path)
+    store.begin(RUN)
+    part = store.commit(rows(3))
+    store.commit(rows(2, start=3))
+    assert schema_version(part) == SCHEMA_VERSION
+    assert pq.read_schema(part).names == SCHEMA.names
+    # What a SIGKILL during a commit leaves: a temporary part, named as commit() names it.
+    (store.parts / ".tmp-part-dead.parquet.partial").write_bytes(b"half a file")
+    assert store.committed_ids() == {r["edit_id"] for r in rows(5)}
+    for df in (pd.concat(map(pd.read_parquet, sorted(store.parts.glob("*.parquet")))),  # plain pandas
+               pd.read_parquet(store.parts)):
+        assert len(df) == 5 and df.edit_id.is_unique
+    store.begin(RUN)  # resume: the stale temporary part is removed, the committed ones stay
+    assert not list(store.parts.glob(".tmp-*")) and len(store.part_files()) == 2
+
+
+def test_changed_parameters_are_refused_unless_overwrite(tmp_path):
+    store = OutputStore(tmp_path)
+    store.begin(RUN)
+    store.commit(rows(2))
+    with pytest.raises(ParameterMismatch, match="seed: 0 -> 1.*--overwrite"):
+        store.begin({**RUN, "seed": 1})
+    assert len(store.committed_ids()) == 2
+    store.begin({**RUN, "seed": 1}, overwrite=True)
+    assert store.committed_ids() == set() and store.read_run()["seed"] == 1
+
+
+def test_status_and_export(tmp_path):
+    store = OutputStore(tmp_path / "out")
+    store.begin(RUN)
+    bad = empty_row(key="x", edit_id="e", edit_index=0, shard="s.tar", status="error", error="cannot decode image: x")
+    store.commit(rows(4) + [bad])
+    st = status(tmp_path / "out")
+    assert st["by_status"] == {"ok": 4, "error": 1} and not st["completed"]
+    assert st["top_errors"] == {"cannot decode image": 1}
+    store.finish({})
+    assert status(tmp_path / "out")["completed"]
+
+    result = export(tmp_path / "out", tmp_path / "wds", where="clip_target >= 0.15")
+    assert result["exported"] == 2
+    with tarfile.open(next((tmp_path / "wds").glob("*.tar"))) as tar:
+        names = tar.getnames()
+        assert all(".." not in n and "/" not in n for n in names)
+        metas = [json.loads(tar.extractfile(n).read()) for n in names if n.endswith(".json")]
+    assert sorted(m["key"] for m in metas) == ["a/../2", "a/../3"]
+    assert {m["target_prompt"] for m in metas} == {"a blue dog"}
+    with pytest.raises(ValueError, match="not a valid filter"):
+        export(tmp_path / "out", tmp_path / "wds2", where="no_such_column > 1")
+    with pytest.raises(FileNotFoundError, match="no run.json"):
+        status(tmp_path / "nothing")
