@@ -299,6 +299,7 @@ def train_unet(cfg, unet, text_encoder, scheduler, latents_mean, latents_std, id
         ckpt.load({"ema_unet": _ShadowView(ema_unet), "ema_text": _ShadowView(ema_text)}, {"opt_unet": opt})
     budget = cfg.unet_minutes * 60
     step, spent = progress.get("unet_step", 0), progress.get("unet_seconds", 0.0)
+    first = step
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     snr_T = alphas_cumprod / (1 - alphas_cumprod)
     scale = progress["scaling_factor"]
@@ -318,7 +319,7 @@ def train_unet(cfg, unet, text_encoder, scheduler, latents_mean, latents_std, id
     while spent + (time.time() - t0) < budget and time.time() < deadline:
         frac = (spent + time.time() - t0) / budget
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg.unet_lr, frac, step)
+            g["lr"] = lr_at(cfg.unet_lr, frac, step - first)
         idx_B = torch.randint(0, n, (cfg.unet_batch,), device=device)
         z0_BCHW = (latents_mean[idx_B] + latents_std[idx_B] * torch.randn_like(latents_mean[idx_B])) * scale
         ids = ids_BL[idx_B].clone()
@@ -433,6 +434,16 @@ def write_curves(out: Path, vae_log: list, unet_log: list):
     fig.savefig(out / "loss.png", dpi=100)
 
 
+def _copy_ema(module, path: Path):
+    """Load an EMA checkpoint (tensors named by parameter order) into a module's parameters."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    with torch.no_grad():
+        for i, p in enumerate(module.parameters()):
+            p.copy_(state[f"{i}"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffedit.shapes.train", description=__doc__.split("\n\n")[0])
     defaults = TrainConfig(out="")
@@ -469,6 +480,9 @@ def main(argv=None) -> int:
     progress = ckpt.progress() if cfg.resume else {}
     if cfg.resume:
         ckpt.load({"vae": vae, "unet": unet, "text_encoder": text_encoder}, {})
+        for module, name in [(unet, "unet"), (text_encoder, "text_encoder")]:  # a checkpoint kept small: EMA only
+            if not (ckpt.dir / f"{name}.safetensors").is_file() and (ckpt.dir / f"ema_{name[:4]}.safetensors").is_file():
+                _copy_ema(module, ckpt.dir / f"ema_{name[:4]}.safetensors")
     invocation = progress.get("invocations", 0)
     progress["invocations"] = invocation + 1
     progress["config"] = asdict(cfg)
@@ -511,13 +525,8 @@ def main(argv=None) -> int:
         )
         unet, text_encoder = ema_unet.state_module(), ema_text.state_module()
     elif progress.get("unet_done"):
-        from safetensors.torch import load_file
-
-        for module, name in [(unet, "ema_unet"), (text_encoder, "ema_text")]:
-            state = load_file(ckpt.dir / f"{name}.safetensors")
-            with torch.no_grad():
-                for i, p in enumerate(module.parameters()):
-                    p.copy_(state[f"{i}"])
+        _copy_ema(unet, ckpt.dir / "ema_unet.safetensors")
+        _copy_ema(text_encoder, ckpt.dir / "ema_text.safetensors")
 
     # 5. Export the pipeline, curves and metrics
     write_curves(out, vae_log, unet_log)

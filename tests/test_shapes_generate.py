@@ -1,0 +1,124 @@
+"""The shapes world: scene generator, WebDataset shards, and the shipped models load and see the world."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffedit.shapes import scenes
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def test_scenes_are_deterministic_by_seed_and_index():
+    a, b = scenes.make_scene(3, 17), scenes.make_scene(3, 17)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption and a.info == b.info
+    assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
+    assert not np.array_equal(a.image, scenes.make_scene(4, 17).image)
+    assert not np.array_equal(a.image, scenes.make_scene(3, 18).image)
+
+
+@pytest.mark.parametrize("index", range(40))
+def test_masks_match_object_pixels_and_caption_names_objects(index):
+    s = scenes.make_scene(0, index)
+    objects = s.info["objects"]
+    assert s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
+    assert 1 <= len(objects) == len(s.masks) <= scenes.MAX_OBJECTS
+    union = np.zeros((64, 64), bool)
+    for obj, mask in zip(objects, s.masks):
+        assert not (union & mask).any(), "visible masks of different objects never overlap"
+        union |= mask
+        assert obj["area"] == mask.sum() > 0
+        x0, y0, x1, y1 = obj["bbox"]
+        ys, xs = np.nonzero(mask)
+        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        # the pixels inside the mask carry the object's colour (away from anti-aliased edges)
+        inner = mask.copy()
+        inner[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+        if inner.sum() >= 5:
+            mean = s.image[inner].astype(float).mean(0)
+            assert np.abs(mean - obj["rgb"]).max() < 3
+        assert f"{obj['color']} {obj['shape']}" in s.caption
+    bg = s.info["background"]
+    assert s.caption.endswith(f"{bg['color']} background")
+    assert (bg["texture"] in s.caption) == (bg["texture"] != "plain")
+
+
+def test_captions_fit_the_shipped_tokenizer():
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(MODELS / "shapes-ldm" / "tokenizer")
+    caption = scenes.make_caption(
+        [{"color": "orange", "shape": "triangle"}, {"color": "white", "shape": "star"}, {"color": "green", "shape": "circle"}],
+        {"color": "beige", "texture": "checkered"},
+    )
+    assert caption == "an orange triangle, a white star and a green circle on a checkered beige background"
+    ids = tok(caption).input_ids
+    assert len(ids) <= tok.model_max_length == 32  # the longest kind of caption is never truncated
+    assert tok.decode(ids, skip_special_tokens=True).strip() == caption.replace(",", " ,") or tok.decode(ids, skip_special_tokens=True).strip() == caption
+    # write_clip_tokenizer's merges make most of the world's words single tokens (not all: see docs/TRAINING.md)
+    single = [w for w in scenes.WORDS if len(tok.tokenize(w)) == 1]
+    assert len(single) >= 15
+
+
+def test_shards_read_back_with_webdataset(tmp_path):
+    import webdataset as wds
+
+    paths = scenes.write_shards(tmp_path, shards=2, per_shard=3, seed=5)
+    assert [p.name for p in paths] == ["shapes-0000005-00000.tar", "shapes-0000005-00001.tar"]
+    samples = list(wds.WebDataset([str(p) for p in paths], shardshuffle=False))
+    assert len(samples) == 6
+    for i, sample in enumerate(samples):
+        s = scenes.make_scene(5, i)
+        info = json.loads(sample["json"])
+        n = len(info["objects"])
+        assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"png", "txt", "json"} | {f"mask_{k}.png" for k in range(n)}
+        assert sample["__key__"] == f"0000005_{i:08d}"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), s.image)
+        assert sample["txt"].decode() == s.caption
+        for k in range(n):
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample[f"mask_{k}.png"]))) > 0, s.masks[k])
+
+
+def test_cli_generate(tmp_path):
+    assert scenes.main(["generate", "--out", str(tmp_path), "--shards", "1", "--per-shard", "2", "--seed", "1"]) == 0
+    assert (tmp_path / "shapes-0000001-00000.tar").is_file()
+
+
+def test_shipped_ldm_loads_in_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    folder = MODELS / "shapes-ldm"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert size <= 15e6
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    assert json.loads((folder / "diffedit.json").read_text())["guidance"] > 0
+
+
+def test_shipped_clip_prefers_the_true_caption():
+    import open_clip
+    import torch
+
+    folder = MODELS / "shapes-clip"
+    open_clip.add_model_config(folder / "shapes-clip.json")
+    model, _, preprocess = open_clip.create_model_and_transforms("shapes-clip")
+    open_clip.load_checkpoint(model, str(folder / "open_clip_model.safetensors"), strict=True)
+    tokenizer = open_clip.get_tokenizer("shapes-clip")
+    model.eval()
+    wins, n = 0, 16
+    for i in range(n):
+        s = scenes.make_scene(0, i)
+        obj = s.info["objects"][0]
+        wrong = next(c for c in scenes.COLORS if c != obj["color"])
+        false_caption = s.caption.replace(f"{obj['color']} {obj['shape']}", f"{wrong} {obj['shape']}", 1)
+        false_caption = false_caption.replace(f" a {wrong}", f" {'an' if wrong[0] in 'aeiou' else 'a'} {wrong}")
+        with torch.no_grad():
+            img = model.encode_image(preprocess(Image.fromarray(s.image))[None], normalize=True)
+            txt = model.encode_text(tokenizer([s.caption, false_caption]), normalize=True)
+        sims = (img @ txt.T)[0]
+        wins += int(sims[0] > sims[1])
+    assert wins >= 0.75 * n
