@@ -206,6 +206,16 @@ def test_bad_inputs_never_stop_the_job(tiny_model_dir, tmp_path):
     good_tar = (folder / "mixed.tar").read_bytes()
     (folder / "truncated.tar").write_bytes(good_tar[: len(good_tar) // 3])
     (folder / "rules.yaml").write_text(RULES.replace("[blue, green]", "blue"))
+    # A shard written by plain tarfile, with a user mask (left half) that replaces mask inference.
+    user_mask = Image.new("L", (40, 24), 0)
+    user_mask.paste(255, (0, 0, 20, 24))
+    members = {"user-mask.jpg": png(scene(7).resize((40, 24)), "JPEG"), "user-mask.txt": b"a red circle",
+               "user-mask.mask.png": png(user_mask)}
+    with tarfile.open(folder / "plain.tar", "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "out"
     summary = run_job(JobOptions(inputs=[str(folder / "*.tar")], output=str(out), model=str(tiny_model_dir),
                                  prompts=str(folder / "rules.yaml"), edit=dict(FAST), batch_size=4,
@@ -218,7 +228,11 @@ def test_bad_inputs_never_stop_the_job(tiny_model_dir, tmp_path):
         status, error = got[f"<shard {name}>"]
         assert status == "error" and name in error
     assert "over the limit" in got["bad-huge"][1] and "decode" in got["bad-truncated"][1]
-    assert summary["total_by_status"]["ok"] == 11
+    assert summary["total_by_status"]["ok"] == 12
+    user = df[df.key == "user-mask"].iloc[0]
+    assert user.status == "ok" and not user.mask_inferred and user.shard.endswith("plain.tar")
+    mask = np.asarray(Image.open(io.BytesIO(user.mask_png)))
+    assert mask.shape == (24, 40) and mask[12, 0] == 255 and mask[12, 39] == 0 and 0.4 <= user.mask_fraction <= 0.6
     ok = df[df.status == "ok"].set_index("key")
     assert Image.open(io.BytesIO(ok.loc["ok-exif"].edited_png)).size == (scene(99).size[1], scene(99).size[0])
     assert Image.open(io.BytesIO(ok.loc["ok-1x1"].mask_png)).size == (1, 1)
