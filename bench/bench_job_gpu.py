@@ -93,9 +93,12 @@ def main(argv=None):
     # (c) the whole job, one actor on the GPU; then two actors of 0.5 GPU each.
     from diffedit.pipelines.job import JobOptions, run_job
 
-    for name, kw in (("(c) diffedit run, 1 actor x 1 GPU", dict(gpus_per_actor=1.0)),
-                     ("issue 8: diffedit run, 2 actors x 0.5 GPU", dict(gpus_per_actor=0.5, num_gpus=2))):
-        out = work / name.split(":")[0].replace(" ", "_").replace("(", "").replace(")", "")
+    variants = [("(c) diffedit run, 1 actor x 1 GPU", dict(gpus_per_actor=1.0, num_gpus=1))]
+    if torch.cuda.device_count() >= 2:
+        variants.append(("issue 8: diffedit run, 2 actors x 1 GPU", dict(gpus_per_actor=1.0, num_gpus=2)))
+    variants.append(("issue 8: diffedit run, 2 actors x 0.5 GPU", dict(gpus_per_actor=0.5, num_gpus=2)))
+    for i, (name, kw) in enumerate(variants):
+        out = work / f"out{i}"
         t = time.perf_counter()
         summary = run_job(JobOptions(inputs=[pattern], output=str(out), model=str(model_dir),
                                      prompts=str(work / "shards" / "rules.yaml"), batch_size=args.batch_size,
@@ -103,7 +106,8 @@ def main(argv=None):
         wall = time.perf_counter() - t
         ok = summary["total_by_status"].get("ok", 0)
         record(variant=name, edits=ok, wall_s=wall, edits_per_s=ok / wall, job_summary=summary,
-               share_of_engine=(ok / wall) / engine_eps)
+               share_of_engine=(ok / wall) / engine_eps, device=torch.cuda.get_device_name(),
+               gpus=torch.cuda.device_count())
 
 
 if __name__ == "__main__":
