@@ -5,7 +5,7 @@
 Both sides: the tiny 32x32 model (diffedit.stages.tiny), --steps 4 --mask-samples 2, fp32 on CPU, scores off,
 one edit per sample, batches of --batch-size. In-process = decode PNGs + edit_batch + PNG-encode the outputs
 (what the actor does). The job = the whole chain (read shards, prompts, actor, Parquet parts). Also reports
-the driver's peak RSS, and rows/s over each quarter of the job (from the part files' mtimes), to show
+the driver's peak RSS, and rows/s between part commits in the first and second half of the job, to show
 whether throughput stays steady while it streams.
 """
 
@@ -76,15 +76,14 @@ def job(model_dir: Path, pattern: str, rules: str, out: Path, batch_size: int) -
                                  edit=dict(EDIT), batch_size=batch_size, scores=False, rows_per_part=64),
                       log=lambda *a: None)
     wall = time.time() - t0
-    mtimes = sorted(p.stat().st_mtime for p in (out / "manifest").glob("part-*.parquet"))
-    quarters = []
-    if len(mtimes) >= 8:  # rows/s over each quarter of the parts (64 rows each)
-        q = len(mtimes) // 4
-        for i in range(4):
-            a, b = mtimes[i * q], mtimes[min((i + 1) * q, len(mtimes) - 1)]
-            quarters.append(round(64 * (min((i + 1) * q, len(mtimes) - 1) - i * q) / max(b - a, 1e-9), 2))
+    import pyarrow.parquet as pq
+
+    parts = sorted((p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in (out / "manifest").glob("part-*.parquet"))
+    half = len(parts) // 2  # rows/s between part commits, first half of the parts vs the second
+    rate = [round(sum(n for _, n in ps[1:]) / max(ps[-1][0] - ps[0][0], 1e-9), 2) if len(ps) > 1 else None
+            for ps in (parts[:half + 1], parts[half:])]
     return dict(wall_s=round(wall, 2), summary=summary, rows_per_s=round(summary["new_rows"] / wall, 2),
-                rows_per_s_by_quarter=quarters,
+                parts=len(parts), rows_per_s_first_half_second_half=rate,
                 driver_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 

@@ -111,13 +111,15 @@ def run_job(o: JobOptions, log=print) -> dict:
         edit=config.flat(), seed=o.seed, model=probe["source"], model_fingerprint=probe["fingerprint"],
         model_recommended=probe["recommended"], image_format=o.image_format, prompts=prompts_digest,
         caption_field=o.caption_field, save_latents=o.save_latents, resolution=probe["resolution"],
-        inputs=o.inputs, shards=len(shards), versions=_versions(), scores=scores_described,
+        inputs=o.inputs, shards=len(shards), versions=_versions(),
+        shards_digest=hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16], scores=scores_described,
         options={k: v for k, v in asdict(o).items() if k not in ("edit", "inputs")},
     )
     store = OutputStore(o.output)
     previous = None if o.overwrite else store.read_run()
     store.begin(run, overwrite=o.overwrite)
-    already_done = bool(previous and previous.get("completed") and previous.get("inputs") == o.inputs
+    # A completed run of the same shards (the expanded list: a glob may match new shards since) has nothing left.
+    already_done = bool(previous and previous.get("completed") and previous.get("shards_digest") == run["shards_digest"]
                         and previous.get("options", {}).get("limit") == o.limit)
     committed = frozenset(store.committed_ids())
     log(f"diffedit run: {len(shards)} shard(s), {len(committed)} edit(s) already committed in {o.output}")

@@ -119,6 +119,20 @@ def test_rerun_skips_committed_rows_and_changed_parameters_are_refused(first, sh
         job(shards, out, model=str(tiny_model_dir), edit=dict(FAST, steps=5))
 
 
+def test_rerun_of_a_completed_glob_picks_up_new_shards(shards, tiny_model_dir, tmp_path):
+    folder = tmp_path / "grow"
+    folder.mkdir()
+    for name in ("a", "b"):
+        with wds.TarWriter(str(folder / f"{name}.tar")) as sink:
+            sink.write({"__key__": f"{name}-0", "png": png(scene(1)), "txt": "a green star"})
+    (folder / "b.tar").rename(folder / "b.later")
+    glob_shards = dict(shards, pattern=str(folder / "*.tar"))
+    assert job(glob_shards, tmp_path / "out", model=str(tiny_model_dir))["total_by_status"] == {"skipped": 1}
+    (folder / "b.later").rename(folder / "b.tar")  # a new shard matches the same glob
+    summary = job(glob_shards, tmp_path / "out", model=str(tiny_model_dir))
+    assert summary["new_rows"] == 1 and summary["total_by_status"] == {"skipped": 2}
+
+
 def test_status_and_export(first, tmp_path, capsys):
     out, _ = first
     assert cli_main(["status", str(out)]) == 0
