@@ -30,6 +30,11 @@ class ParameterMismatch(RuntimeError):
 
 class OutputStore:
     def __init__(self, out: str | Path):
+        if "://" in str(out):
+            raise ValueError(
+                f"--output {out} is a URL; the manifest needs a local or mounted folder (atomic renames). "
+                "Write to a shared mount and copy it to object storage afterwards."
+            )
         self.out = Path(out)
         self.parts = self.out / "manifest"
         self.run_json = self.out / "run.json"
