@@ -25,13 +25,13 @@ from bench_gpu import SOURCE, TARGET, build_sd15  # noqa: E402  (run from the re
 
 
 def save_model(folder: Path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
+
+    from diffedit.stages.tiny import save_sd_folder
 
     m = build_sd15(torch.device("cpu"), torch.float16, False, folder / "_work")
-    StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-                            scheduler=DDIMScheduler(**m.scheduler_config), safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(folder / "sd15")
-    return folder / "sd15"
+    return save_sd_folder(folder / "sd15", vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                          scheduler=DDIMScheduler(**m.scheduler_config))
 
 
 def write_shards(folder: Path, images: int, per_shard: int = 16) -> str:

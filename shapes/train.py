@@ -386,21 +386,10 @@ def vae_psnr(vae, device, n: int, dtype=torch.float32) -> dict:
 
 
 def export(out: Path, vae, text_encoder, unet, tokenizer, scheduler, dtype=torch.float16) -> Path:
-    from diffusers import StableDiffusionPipeline
+    from ..stages.tiny import save_sd_folder
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.to(dtype)
-    folder = out / "model"
-    pipe.save_pretrained(folder, safe_serialization=True)
+    folder = save_sd_folder(out / "model", vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=scheduler, dtype=dtype)
     (folder / "diffedit.json").write_text(json.dumps(DIFFEDIT_DEFAULTS, indent=1) + "\n")
     return folder
 

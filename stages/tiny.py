@@ -77,6 +77,18 @@ def write_clip_tokenizer(out_dir: str | Path, words=DEFAULT_WORDS, model_max_len
     return out
 
 
+def save_sd_folder(out: str | Path, *, vae, text_encoder, tokenizer, unet, scheduler, dtype=None) -> Path:
+    """Save Stable Diffusion components as a diffusers folder (model_index.json layout, safetensors)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if dtype is not None:
+        pipe.to(dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
@@ -92,7 +104,7 @@ def build_tiny_model(
     ``sample_size`` is the latent size; the VAE downsamples by 2 per extra block (here 2x, so the image
     resolution is ``2 * sample_size``). Weights are written as safetensors.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out_dir)
@@ -144,17 +156,7 @@ def build_tiny_model(
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    save_sd_folder(out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()
