@@ -27,6 +27,20 @@ class ExpandOptions:
     seed: int
 
 
+_COMMITTED: dict[str, frozenset] = {}
+
+
+def committed_edits(ref) -> frozenset:
+    """The committed edit_ids behind a Ray object ref, fetched once per worker process, not once per row."""
+    key = ref.hex()
+    if key not in _COMMITTED:
+        import ray
+
+        _COMMITTED.clear()
+        _COMMITTED[key] = ray.get(ref)
+    return _COMMITTED[key]
+
+
 def expand_sample(row: dict, options: ExpandOptions, committed: frozenset) -> list[dict]:
     """One sample -> one row per edit (status pending), or one skipped/error row; committed edits dropped."""
     from ..stages.randomness import edit_seed

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..manifests.store import OutputStore
-from .actor import ActorOptions, EditActor, ExpandOptions, expand_sample
+from .actor import ActorOptions, EditActor, ExpandOptions, committed_edits, expand_sample
 from .inputs import DEFAULT_MAX_PIXELS, check_local_shard, expand_inputs
 from .prompts import PromptSpec
 
@@ -163,7 +163,7 @@ def run_job(o: JobOptions, log=print) -> dict:
         committed_ref = ray.put(committed)
 
         def expand(row, committed_ref=committed_ref):
-            return expand_sample(row, expand_options, ray.get(committed_ref))
+            return expand_sample(row, expand_options, committed_edits(committed_ref))
 
         ds = ray.data.read_webdataset(good, decoder=None)
         if o.limit is not None:
