@@ -14,7 +14,7 @@ import hashlib
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: sample_index and best (best-of-k, --samples-per-edit)
 STATUSES = ("ok", "error", "skipped")
 SCORE_COLUMNS = ("clip_source", "clip_target", "clip_directional", "clip_image", "lpips", "psnr_bg", "ssim_bg",
                  "psnr_fg", "ssim_fg")
@@ -22,13 +22,15 @@ SCORE_COLUMNS = ("clip_source", "clip_target", "clip_directional", "clip_image",
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # the sample's __key__ (never used as a path)
-        ("edit_id", pa.string()),  # stable id of (key, edit index, prompts)
+        ("edit_id", pa.string()),  # stable id of (key, edit index, prompts[, sample index when k > 1])
         ("edit_index", pa.int32()),
+        ("sample_index", pa.int32()),  # which of the edit's k samples (0..k-1); null for rows that are no edit
         ("shard", pa.string()),
         ("source_prompt", pa.string()),
         ("target_prompt", pa.string()),
         ("status", pa.string()),  # ok | error | skipped
         ("error", pa.string()),
+        ("best", pa.bool_()),  # the best ok sample of its edit by run.json's best_by (manifests/best.py)
         ("seed", pa.int64()),  # the per-edit seed
         ("width", pa.int32()),  # the source image's size; masks and edits have it too
         ("height", pa.int32()),
@@ -45,9 +47,14 @@ SCHEMA = pa.schema(
 )
 
 
-def edit_id(key: str, edit_index: int, source_prompt: str, target_prompt: str) -> str:
-    """Stable across runs and machines: the same sample and edit always get the same id."""
-    text = "\x1f".join([key, str(edit_index), source_prompt, target_prompt])
+def edit_id(key: str, edit_index: int, source_prompt: str, target_prompt: str, sample_index: int | None = None) -> str:
+    """Stable across runs and machines: the same sample and edit always get the same id.
+
+    ``sample_index`` is given only when an edit has several samples (k > 1), so the ids of a one-sample
+    job are those of manifests written before best-of-k existed.
+    """
+    parts = [key, str(edit_index), source_prompt, target_prompt]
+    text = "\x1f".join(parts if sample_index is None else [*parts, f"sample {int(sample_index)}"])
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 

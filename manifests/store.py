@@ -21,7 +21,7 @@ from .schema import SCHEMA, SCHEMA_VERSION, to_table
 
 # Parameters that change the content of rows: a rerun with other values would mix two jobs in one manifest.
 IDENTITY_KEYS = ("edit", "seed", "model_fingerprint", "image_format", "prompts", "caption_field", "save_latents",
-                 "resolution", "scores")
+                 "resolution", "scores", "schema_version", "samples_per_edit", "best_by")
 
 
 class ParameterMismatch(RuntimeError):

@@ -25,6 +25,7 @@ class ExpandOptions:
     prompts: PromptSpec
     caption_field: str
     seed: int
+    samples_per_edit: int = 1
 
 
 _COMMITTED: dict[str, frozenset] = {}
@@ -41,10 +42,18 @@ def committed_edits(ref) -> frozenset:
     return _COMMITTED[key]
 
 
-def expand_sample(row: dict, options: ExpandOptions, committed: frozenset) -> list[dict]:
-    """One sample -> one row per edit (status pending), or one skipped/error row; committed edits dropped."""
+def edit_samples(row: dict, seed: int, k: int) -> list[dict]:
+    """The k samples of one edit: sample index, own seed and edit_id. With k = 1, the edit's own seed and id."""
     from ..stages.randomness import edit_seed
 
+    key, i, prompts = row["key"], row["edit_index"], (row["source_prompt"] or "", row["target_prompt"] or "")
+    return [dict(sample_index=s, seed=edit_seed(seed, key, i, s), edit_id=edit_id(key, i, *prompts, s if k > 1 else None))
+            for s in range(k)]
+
+
+def expand_sample(row: dict, options: ExpandOptions, committed: frozenset) -> list[dict]:
+    """One sample -> one row per edit (status pending; the actor makes its k samples), or one skipped/error
+    row; committed edits dropped (an edit's samples are committed together, so one committed id is enough)."""
     sample = sample_from_row(row, options.caption_field)
     base = dict(key=sample.key, shard=sample.shard)
     if sample.error:
@@ -57,15 +66,23 @@ def expand_sample(row: dict, options: ExpandOptions, committed: frozenset) -> li
         else:
             rows = [
                 empty_row(**base, edit_index=i, status="pending", source_prompt=e.source_prompt,
-                          target_prompt=e.target_prompt, seed=edit_seed(options.seed, sample.key, i),
-                          _image=sample.image, _mask=sample.mask)
+                          target_prompt=e.target_prompt, _image=sample.image, _mask=sample.mask)
                 for i, e in enumerate(edits)
             ]
+    kept = []
     for r in rows:
-        r["edit_id"] = edit_id(r["key"], r["edit_index"], r["source_prompt"] or "", r["target_prompt"] or "")
         r.setdefault("_image", None)
         r.setdefault("_mask", None)
-    return [r for r in rows if r["edit_id"] not in committed]
+        if r["status"] == "pending":
+            samples = edit_samples(r, options.seed, options.samples_per_edit)
+            r.update(samples[0])
+            if not any(s["edit_id"] in committed for s in samples):
+                kept.append(r)
+        else:
+            r["edit_id"] = edit_id(r["key"], r["edit_index"], r["source_prompt"] or "", r["target_prompt"] or "")
+            if r["edit_id"] not in committed:
+                kept.append(r)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,8 @@ class ActorOptions:
     compile: bool = False
     pad_batches_to: int | None = None
     scores: dict | None = None  # ScoreConfig fields; None: no scoring
+    seed: int = 0  # the job's seed: each sample of an edit gets its own from it (stages/randomness.py)
+    samples_per_edit: int = 1
 
 
 def encode_image(image: Image.Image, fmt: str) -> bytes:
@@ -111,18 +130,21 @@ class EditActor:
             self.scorer = Scorer(ScoreConfig(**{**options.scores, "device": str(self.model.device)}))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        pending = []
-        for r in rows:
-            if r["status"] != "pending":
-                continue
-            try:
-                r["_pil"] = open_image(r["_image"], self.options.max_pixels)
-                r["width"], r["height"] = r["_pil"].size
-                r["_user_mask"] = None if not _has(r.get("_mask")) else open_image(r["_mask"], self.options.max_pixels)
-                pending.append(r)
-            except ValueError as exc:
-                r.update(status="error", error=str(exc))
+        rows = []
+        for r in batch.to_pylist():
+            if r["status"] == "pending":
+                try:
+                    r["_pil"] = open_image(r["_image"], self.options.max_pixels)
+                    r["width"], r["height"] = r["_pil"].size
+                    r["_user_mask"] = None if not _has(r.get("_mask")) else open_image(r["_mask"], self.options.max_pixels)
+                except ValueError as exc:
+                    r.update(status="error", error=str(exc))
+                # Best-of-k: the edit's k samples, decoded once, edited in this call as k independent edits
+                # batched together (each its own seed, so its own mask noise too), returned together.
+                rows += [{**r, **s} for s in edit_samples(r, self.options.seed, self.options.samples_per_edit)]
+            else:
+                rows.append(r)
+        pending = [r for r in rows if r["status"] == "pending"]
         if pending:
             self._edit(pending)
         return to_table(rows)

@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--conditional-encoding", action="store_true", default=None,
                      help="encode under the source prompt instead of unconditionally (the paper's choice)")
     run.add_argument("--seed", type=int, default=0, help="global seed; each edit's noise comes from (seed, key, edit)")
+    run.add_argument("--samples-per-edit", type=int, default=1, metavar="K",
+                     help="best-of-k: edit each (sample, edit) with K seeds, one row each (sample_index 0..K-1), and "
+                          "mark the best by --best-by in the `best` column (default 1)")
+    run.add_argument("--best-by", default="clip_directional", metavar="SCORE",
+                     help="the score that picks the best of K samples: higher is better, except lpips (lower); "
+                          "table in manifests/best.py (default clip_directional)")
     run.add_argument("--batch-size", type=int, default=8, help="images per actor batch (default 8; 32 on a 24 GB GPU at SD 1.5 scale)")
     run.add_argument("--num-gpus", type=int, help="number of GPU actors (default: every GPU in the cluster)")
     run.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPUs per actor (0.5 puts two actors on a GPU)")
@@ -74,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="kept edits as WebDataset shards for training")
     ex.add_argument("output")
     ex.add_argument("--to", required=True, help="folder for the shards")
-    ex.add_argument("--where", help='pandas filter, e.g. "clip_directional >= 0.2 and clip_image >= 0.7"')
+    ex.add_argument("--where", help='pandas filter, e.g. "clip_directional >= 0.2 and clip_image >= 0.7" or "best and ..."')
+    ex.add_argument("--best-only", action="store_true",
+                    help="only the best sample of each edit (--samples-per-edit K > 1); default: every ok row")
     ex.set_defaults(func=_export)
 
     ga = sub.add_parser("gallery", help="a self-contained HTML page of the edits")
@@ -112,7 +120,7 @@ def _status(args) -> int:
 def _export(args) -> int:
     from ..manifests.export import export
 
-    print(json.dumps(export(args.output, args.to, args.where)))
+    print(json.dumps(export(args.output, args.to, args.where, best_only=args.best_only)))
     return 0
 
 

@@ -3,8 +3,8 @@
     read_webdataset(decoder=None)                one row per sample, raw member bytes
       .limit(N)                                  --limit
       .flat_map(expand_sample)                   CPU: caption -> edits; committed edits dropped (resume)
-      .map_batches(EditActor, GPU actor pool)    decode, mask -> encode -> decode, PNG/JPEG encode
-      -> driver: commit parts atomically         manifests.OutputStore
+      .map_batches(EditActor, GPU actor pool)    decode, k samples per edit: mask -> encode -> decode, PNG/JPEG
+      -> driver: mark best, commit parts         manifests.best (whole groups of k), manifests.OutputStore
 
 Resources (actors, GPUs, batch sizes) live here only.
 """
@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..manifests.best import DEFAULT_BEST_BY, NO_SCORE_RULE, check_best_by, complete_groups, mark_best
+from ..manifests.schema import SCHEMA_VERSION
 from ..manifests.store import OutputStore
 from .actor import ActorOptions, EditActor, ExpandOptions, committed_edits, expand_sample
 from .inputs import DEFAULT_MAX_PIXELS, check_local_shard, expand_inputs
@@ -33,7 +35,9 @@ class JobOptions:
     prompts: str | None = None
     edit: dict = field(default_factory=dict)  # flat edit parameters given on the command line (None = default)
     seed: int = 0
-    batch_size: int = 8
+    samples_per_edit: int = 1  # best-of-k: k seeds per edit, one row each, the best marked (manifests/best.py)
+    best_by: str = DEFAULT_BEST_BY
+    batch_size: int = 8  # edits per actor call (each edit is samples_per_edit images)
     num_gpus: int | None = None  # GPU actors (default: every GPU of the cluster)
     gpus_per_actor: float = 1.0
     cpu_actors: int = 1  # actors when the cluster has no GPU
@@ -97,6 +101,10 @@ def run_job(o: JobOptions, log=print) -> dict:
     spec = PromptSpec.load(o.prompts)
     probe = describe_model(model_path)  # recommended defaults + fingerprint, without loading weights
     config = EditConfig.from_flat(probe["recommended"], **o.edit)
+    k = o.samples_per_edit
+    if k < 1:
+        raise ValueError(f"`--samples-per-edit` must be >= 1 but is {k}.")
+    better = check_best_by(o.best_by)
     score_options = None
     scores_described = None
     if o.scores:
@@ -106,6 +114,10 @@ def run_job(o: JobOptions, log=print) -> dict:
         scores_described = Scorer(ScoreConfig(**score_options, device="cpu")).describe()  # what will score, or why not
         for column, reason in scores_described["unavailable"].items():
             log(f"note: {column} will be null: {reason}")
+    if k > 1 and (not o.scores or o.best_by in scores_described["unavailable"]):
+        why = "--no-scores" if not o.scores else scores_described["unavailable"][o.best_by]
+        raise ValueError(f"--samples-per-edit {k} picks the best sample by {o.best_by}, which will be null ({why}); "
+                         "pass another --best-by, or make the score available.")
     prompts_digest = hashlib.sha256(Path(o.prompts).read_bytes()).hexdigest()[:16] if o.prompts else "default"
     run = dict(
         edit=config.flat(), seed=o.seed, model=probe["source"], model_fingerprint=probe["fingerprint"],
@@ -113,7 +125,9 @@ def run_job(o: JobOptions, log=print) -> dict:
         caption_field=o.caption_field, save_latents=o.save_latents, resolution=probe["resolution"],
         inputs=o.inputs, shards=len(shards), versions=_versions(),
         shards_digest=hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16], scores=scores_described,
-        options={k: v for k, v in asdict(o).items() if k not in ("edit", "inputs")},
+        schema_version=SCHEMA_VERSION, samples_per_edit=k, best_by=o.best_by,
+        best_rule=f"{better} {o.best_by} is better (ties: the lowest sample_index); {NO_SCORE_RULE}",
+        options={n: v for n, v in asdict(o).items() if n not in ("edit", "inputs", "samples_per_edit", "best_by")},
     )
     store = OutputStore(o.output)
     previous = None if o.overwrite else store.read_run()
@@ -126,6 +140,17 @@ def run_job(o: JobOptions, log=print) -> dict:
 
     counts: Counter = Counter()
     new_rows = 0
+    unscored_groups = 0
+
+    def commit_whole_groups(rows: list[dict]) -> list[dict]:
+        """Commit rows of no edit and edits with all k samples, their best marked; return the other rows."""
+        nonlocal unscored_groups
+        ready, held = complete_groups(rows, k)
+        if ready:
+            unscored_groups += mark_best(ready, o.best_by)
+            store.commit(ready)
+        return held
+
     # 2. Unreadable shards: one error row each, so they show in the manifest and in `status`.
     from ..manifests.schema import edit_id, empty_row
 
@@ -137,7 +162,7 @@ def run_job(o: JobOptions, log=print) -> dict:
             shard_rows.append(row)
         log(f"warning: {why}")
     if shard_rows:
-        store.commit(shard_rows)
+        commit_whole_groups(shard_rows)
         counts.update(r["status"] for r in shard_rows)
 
     # 3. The Ray Data chain.
@@ -157,9 +182,10 @@ def run_job(o: JobOptions, log=print) -> dict:
         actor_options = ActorOptions(
             model=model_path, device=o.device, dtype=o.dtype, edit=config.flat(), image_format=o.image_format,
             save_latents=o.save_latents, max_pixels=o.max_pixels, max_batch=o.max_batch, compile=o.compile,
-            pad_batches_to=o.batch_size if o.compile else None, scores=score_options,
+            pad_batches_to=o.batch_size * k if o.compile else None, scores=score_options, seed=o.seed,
+            samples_per_edit=k,
         )
-        expand_options = ExpandOptions(spec, o.caption_field, o.seed)
+        expand_options = ExpandOptions(spec, o.caption_field, o.seed, k)
         committed_ref = ray.put(committed)
 
         def expand(row, committed_ref=committed_ref):
@@ -173,7 +199,7 @@ def run_job(o: JobOptions, log=print) -> dict:
             compute=ray.data.ActorPoolStrategy(size=actors), **resources,
         )
         log(f"editing with {actors} actor(s) ({'GPU x %g each' % o.gpus_per_actor if gpus else 'CPU'}), "
-            f"batch size {o.batch_size}")
+            f"batch size {o.batch_size}" + (f" edits x {k} samples" if k > 1 else ""))
         buffer: list[dict] = []
         last_flush = last_log = time.time()
         try:
@@ -184,8 +210,7 @@ def run_job(o: JobOptions, log=print) -> dict:
                 new_rows += len(rows)
                 now = time.time()
                 if len(buffer) >= o.rows_per_part or now - last_flush > 30:
-                    store.commit(buffer)
-                    buffer, last_flush = [], now
+                    buffer, last_flush = commit_whole_groups(buffer), now
                 if now - last_log >= o.progress_seconds:
                     rate = counts["ok"] / max(now - t0, 1e-9)
                     log(f"  {new_rows} rows ({dict(counts)}), {rate:.2f} edits/s")
@@ -196,14 +221,17 @@ def run_job(o: JobOptions, log=print) -> dict:
             if new_rows or "never ran" not in str(exc):
                 raise
             log("nothing left to edit: every edit of these shards is committed")
-        if buffer:
-            store.commit(buffer)
+        if buffer and commit_whole_groups(buffer):
+            raise RuntimeError(f"some edits came back from the actors without all {k} samples: not committed; "
+                               "rerun the same command to edit them again")
 
     seconds = time.time() - t0
     total = Counter(store.read(columns=["status"]).column("status").to_pylist())
     summary = dict(new_rows=new_rows + len(shard_rows), new_by_status=dict(counts), total_by_status=dict(total),
                    seconds=round(seconds, 2), edits_per_s=round(counts["ok"] / max(seconds, 1e-9), 3),
                    output=str(Path(o.output).resolve()))
+    if k > 1:  # edits whose best sample could not be chosen by the score (run.json's best_rule says which)
+        summary["new_edits_best_without_score"] = unscored_groups
     store.finish(summary)
     log("done: " + json.dumps(summary))
     return summary

@@ -1,8 +1,10 @@
 """Per-image randomness: every random draw of an edit comes from its own generator.
 
-The seed of an edit is derived from (global seed, sample key, edit index) by a hash, so an image's
-noise never depends on its batch-mates, the batch size, the actor, the GPU count or a resume. Noise is
-drawn on the CPU in float32 and then moved, so it is also the same on CPU and GPU.
+The seed of an edit is derived from (global seed, sample key, edit index, sample index) by a hash, so an
+image's noise never depends on its batch-mates, the batch size, the actor, the GPU count or a resume. Noise
+is drawn on the CPU in float32 and then moved, so it is also the same on CPU and GPU. Sample 0 of an edit
+(the only one with ``--samples-per-edit 1``, the default) has the seed of (global seed, key, edit index)
+alone: the seeds of manifests written before best-of-k existed.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import hashlib
 import torch
 
 
-def edit_seed(seed: int, key: str, edit_index: int = 0) -> int:
-    """A 63-bit seed for one (sample, edit): stable across Python versions and machines (no ``hash()``)."""
-    digest = hashlib.blake2b(f"{int(seed)}\x1f{key}\x1f{int(edit_index)}".encode(), digest_size=8).digest()
+def edit_seed(seed: int, key: str, edit_index: int = 0, sample_index: int = 0) -> int:
+    """A 63-bit seed for one (sample, edit, sample index): stable across Python versions and machines (no ``hash()``)."""
+    text = f"{int(seed)}\x1f{key}\x1f{int(edit_index)}"
+    if sample_index:  # sample 0 keeps the seed of the edit itself
+        text += f"\x1f{int(sample_index)}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 

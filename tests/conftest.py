@@ -1,6 +1,10 @@
 """Shared fixtures: tiny real diffusers models, built once per test session and saved as folders."""
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,3 +24,25 @@ def tiny_model(tiny_model_dir):
     from diffedit.stages.model import load_model
 
     return load_model(tiny_model_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture
+def kill_part_way():
+    """Start a `diffedit run` command line in its own process group (and its own local Ray) and SIGKILL the
+    whole group once `parts` Parquet parts are committed in `out`; fails if the job ends first."""
+
+    def run(cmd: list[str], out: Path, parts: int = 2, timeout: float = 180) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "manifest").exists() and len(list((out / "manifest").glob("part-*.parquet"))) >= parts:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(1)
+
+    return run

@@ -1,0 +1,84 @@
+"""Best-of-k: ``--samples-per-edit k`` edits every (sample, edit) with k seeds; ``best`` marks one of the k rows.
+
+The k rows of an edit form a *group* (same shard, key and edit index; ``sample_index`` 0..k-1). The edit
+actor computes a group in one call, and the driver commits a group in one part and only whole: ``best`` is
+decided on all k rows, and a resume finds a group either committed whole or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+# Which way is better, for each score ``--best-by`` may name. Every score but LPIPS is a similarity (of the
+# edit to a prompt, to the source image, or to the source inside / outside the mask): higher is better.
+# LPIPS is a distance between the source and the edit: lower is better.
+BETTER = {
+    "clip_directional": "higher",  # the default: the image moved the way the prompts moved (InstructPix2Pix)
+    "clip_target": "higher",
+    "clip_source": "higher",
+    "clip_image": "higher",
+    "lpips": "lower",
+    "psnr_bg": "higher",
+    "ssim_bg": "higher",
+    "psnr_fg": "higher",
+    "ssim_fg": "higher",
+}
+DEFAULT_BEST_BY = "clip_directional"
+NO_SCORE_RULE = "when no ok sample of an edit has the score, the ok sample with the lowest sample_index (sample 0)"
+
+
+def check_best_by(best_by: str) -> str:
+    if best_by not in BETTER:
+        raise ValueError(f"`--best-by` must be one of {', '.join(BETTER)} but is {best_by!r}.")
+    return BETTER[best_by]
+
+
+def group_key(row: dict) -> tuple | None:
+    """The edit a row is a sample of; None for rows that are no edit (skipped, unreadable sample or shard)."""
+    if row.get("sample_index") is None:
+        return None
+    return row["shard"], row["key"], row["edit_index"]
+
+
+def complete_groups(rows: list[dict], k: int) -> tuple[list[dict], list[dict]]:
+    """Split rows into those ready to commit (rows of no group, and groups with all k rows) and the others.
+
+    The actor returns whole groups, but Ray Data may cut an actor's output into several blocks and
+    interleave other actors' blocks between them: the driver holds a group back until all k rows are there.
+    """
+    counts = Counter(group_key(r) for r in rows)
+    too_many = [g for g, n in counts.items() if g is not None and n > k]
+    if too_many:
+        raise RuntimeError(f"{len(too_many)} edit(s) arrived with more than {k} samples, e.g. {too_many[0]}")
+    ready, held = [], []
+    for r in rows:
+        g = group_key(r)
+        (ready if g is None or counts[g] == k else held).append(r)
+    return ready, held
+
+
+def _has(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def mark_best(rows: list[dict], best_by: str) -> int:
+    """Set ``best`` on whole groups: True on the ok row with the best ``best_by`` score (ties: the lowest
+    sample_index), False on every other row. Returns how many groups had several ok samples and none scored
+    (they fall back to :data:`NO_SCORE_RULE`)."""
+    sign = 1 if check_best_by(best_by) == "higher" else -1
+    groups = defaultdict(list)
+    for r in rows:
+        r["best"] = False
+        if r["status"] == "ok" and group_key(r) is not None:
+            groups[group_key(r)].append(r)
+    unscored = 0
+    for members in groups.values():
+        scored = [r for r in members if _has(r.get(best_by))]
+        if scored:
+            winner = max(scored, key=lambda r: (sign * r[best_by], -r["sample_index"]))
+        else:
+            winner = min(members, key=lambda r: r["sample_index"])
+            unscored += len(members) > 1
+        winner["best"] = True
+    return unscored
