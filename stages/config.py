@@ -44,6 +44,9 @@ class EncodeConfig:
     # with guidance 7.5 instead; `conditional=True` (+ `encode_guidance`) reproduces that.
     conditional: bool = False
     guidance: float = 1.0  # classifier-free guidance during encoding (only with conditional=True).
+    # "ddim": the paper's DDIM encoding. "noise": the ablation the paper compares it with (SDEdit's
+    # noising): every kept level is a draw of q(x_t | x_0) instead of a DDIM-inverted latent.
+    method: str = "ddim"
 
     def __post_init__(self):
         _check(self.num_steps >= 1, f"`steps` must be >= 1 but is {self.num_steps}.")
@@ -53,6 +56,7 @@ class EncodeConfig:
             f"`steps` x `encode_ratio` must give at least one step, but {self.num_steps} x {self.encode_ratio} does not.",
         )
         _check(self.guidance >= 1.0, f"`encode_guidance` must be >= 1 but is {self.guidance}.")
+        _check(self.method in ("ddim", "noise"), f"`encode_method` must be ddim or noise but is {self.method!r}.")
         _check(
             self.conditional or self.guidance == 1.0,
             "`encode_guidance` > 1 needs conditional encoding (`conditional_encoding=True`).",
@@ -85,6 +89,7 @@ _FLAT = {
     "encode_ratio": ("encode", "encode_ratio"),
     "conditional_encoding": ("encode", "conditional"),
     "encode_guidance": ("encode", "guidance"),
+    "encode_method": ("encode", "method"),
     "guidance": ("decode", "guidance"),
     "negative_prompt": ("decode", "negative_prompt"),
 }

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .config import EditConfig
 from .decode import masked_ddim_decode
-from .encode import Trajectory, ddim_encode
+from .encode import Trajectory, ddim_encode, noise_encode
 from .images import images_to_tensor, mask_to_image, masks_to_tensor, tensor_to_images, to_rgb
 from .mask import infer_mask, latent_mask_from_image, upsample_map
 from .model import DiffEditModel, load_model
@@ -108,9 +108,14 @@ def edit_batch(
         pooled = latent_mask_from_image(torch.stack([masks[i] for i in given]).to(model.device), latent_hw)
         mask_Bhw[given], soft_Bhw[given] = pooled, pooled.float()
 
-    # 3. DDIM encoding to ratio r: unconditional (the paper) or under the source prompt.
-    encode_BLD = source_BLD if config.encode.conditional else empty_BLD
-    trajectory = ddim_encode(model, latents_BChw, encode_BLD, config.encode, uncond_BLD=empty_BLD, max_batch=max_batch)
+    # 3. DDIM encoding to ratio r: unconditional (the paper) or under the source prompt; or, as the
+    #    paper's ablation, plain noising with a draw of each edit's own derived generator.
+    if config.encode.method == "noise":
+        noise_BChw = per_image_noise([edit_seed(s, "encode") for s in seeds], tuple(latents_BChw.shape[1:]))
+        trajectory = noise_encode(model, latents_BChw, noise_BChw, config.encode)
+    else:
+        encode_BLD = source_BLD if config.encode.conditional else empty_BLD
+        trajectory = ddim_encode(model, latents_BChw, encode_BLD, config.encode, uncond_BLD=empty_BLD, max_batch=max_batch)
 
     # 4. Masked DDIM decoding under the target prompt, with classifier-free guidance.
     edited_BChw = masked_ddim_decode(

@@ -68,3 +68,28 @@ def ddim_encode(
         x = scheduler.step(pred, t, x).prev_sample
         latents.append(x)
     return Trajectory(latents, timesteps)
+
+
+@torch.no_grad()
+def noise_encode(
+    model: DiffEditModel, latents_BChw: torch.Tensor, noise_BChw: torch.Tensor, config: EncodeConfig = EncodeConfig()
+) -> Trajectory:
+    """The paper's ablation of step 2: noise x_0 to each level instead of DDIM-inverting it (SDEdit, 2108.01073).
+
+    ``latents[k] = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` (q(x_t | x_0), DDPM eq. 4) at the same levels
+    ``ddim_encode`` reaches, with one draw ``noise_BChw[i]`` per image (its own generator) for every level,
+    as diffusers' inpainting pipelines noise the pasted background.
+    """
+    if noise_BChw.shape != latents_BChw.shape:
+        raise ValueError(f"`noise_BChw` must have the latents' shape {tuple(latents_BChw.shape)} but is {tuple(noise_BChw.shape)}.")
+    scheduler = model.ddim_inverse()
+    scheduler.set_timesteps(config.num_steps)
+    timesteps = scheduler.timesteps[: config.num_encode_steps]
+    alphas_cumprod = scheduler.alphas_cumprod.to(latents_BChw.device, torch.float32)
+    noise_BChw = noise_BChw.to(latents_BChw.device, torch.float32)
+    latents = [latents_BChw]
+    for t in timesteps:
+        a_t = alphas_cumprod[int(t)]
+        x = a_t.sqrt() * latents_BChw.float() + (1 - a_t).sqrt() * noise_BChw
+        latents.append(x.to(latents_BChw.dtype))
+    return Trajectory(latents, timesteps)
