@@ -1,4 +1,4 @@
-"""The `diffedit` command: run, status, export, gallery, shapes. Parse, build, run.
+"""The `diffedit` command: run, status, export, gallery, shapes, eval. Parse, build, run.
 
 Edit options default to None, meaning "the model folder's diffedit.json, else the paper's value".
 """
@@ -20,6 +20,7 @@ EDIT_OPTIONS = [
     ("--guidance", float, "classifier-free guidance scale for decoding (paper: 7.5; the shipped model recommends less)"),
     ("--negative-prompt", str, "negative (unconditional) text of guidance during decoding (default: empty)"),
     ("--encode-guidance", float, "guidance during conditional encoding (default 1; diffusers' pipeline uses 7.5)"),
+    ("--encode-method", str, "ddim (the paper's encoding) or noise (its ablation: plain noising, as SDEdit) (default ddim)"),
 ]
 
 
@@ -91,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     ga.set_defaults(func=_gallery)
 
     try:
+        from ..shapes.eval import add_cli as add_eval_cli
         from ..shapes.scenes import add_cli
     except ImportError:  # the shapes world is optional
         pass
     else:
         shapes = sub.add_parser("shapes", help="the shapes world: a benchmark with ground truth")
         add_cli(shapes.add_subparsers(dest="shapes_command", required=True))
+        add_eval_cli(sub, EDIT_OPTIONS)
     return parser
 
 
