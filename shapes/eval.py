@@ -212,9 +212,11 @@ def judge_edit(edit: EvalEdit, edited_HW3: np.ndarray, mask_HW: np.ndarray, reco
         color_seen=region_color(edited_HW3, obj_mask),
     )
     row["color_success"] = row["color_seen"] == (edit.target if edit.kind != "shape" else edit.obj["color"])
+    # The silhouette of the object's blob: the target shape in the object's colour for a shape edit; the
+    # object's own shape, kept, in the colour it now has for a colour (or identity) edit.
+    color = edit.obj["color"] if edit.kind == "shape" else row["color_seen"]
     shape = edit.target if edit.kind == "shape" else edit.obj["shape"]
-    row["shape_success"] = shape_ok(edited_HW3, edit.obj["color"] if edit.kind == "shape" else row["color_seen"], shape) \
-        if row["color_seen"] in scenes.COLORS else False
+    row["shape_success"] = color in scenes.COLORS and shape_ok(edited_HW3, color, shape)
     return row
 
 
