@@ -1,14 +1,14 @@
 """Train a small CLIP on the shapes world, contrastively, with open_clip and a custom model config.
 
 The config (``CLIP_CONFIG``) is a small ViT for 64x64 images (8x8 patches) and a small text transformer
-over open_clip's default tokenizer (its BPE vocabulary ships inside the package, so it works offline).
+over the world's own BPE tokenizer (written by ``diffedit.stages.tiny.write_clip_tokenizer``, as the LDM's).
 Images go through open_clip's own inference normalisation, so ``open_clip.create_model_and_transforms``
 plus ``open_clip.get_tokenizer`` reproduce training-time inputs. Scenes sharing a caption are all
 positives of each other (soft targets), since one-object captions repeat within a large batch.
 
-The result, ``OUT/shapes-clip/``: ``shapes-clip.json`` (the model config, registered by
-``open_clip.add_model_config`` under the name ``shapes-clip``) and ``open_clip_model.safetensors``
-(fp16). Training scenes use seeds >= TRAIN_SEED_MIN + 500.
+The result, ``OUT/shapes-clip/``, in open_clip's hub layout: ``open_clip_config.json`` (``model_cfg``,
+``preprocess_cfg``), the tokenizer files and ``open_clip_model.safetensors`` (fp16); open_clip loads it as
+``local-dir:OUT/shapes-clip``. Training scenes use seeds >= TRAIN_SEED_MIN + 500.
 
     python -m diffedit.shapes.train_clip --out runs/clip --minutes 4 [--resume]
 
@@ -31,24 +31,41 @@ from diffedit.shapes import scenes
 from diffedit.shapes.train import generate_pool, lr_at
 
 NAME = "shapes-clip"
+CONTEXT_LENGTH = 32
 CLIP_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": scenes.SIZE, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
-    # vocab_size is open_clip's SimpleTokenizer's; the token table is most of the text tower's weights,
-    # hence the narrow width.
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
+    # The world's own BPE tokenizer (every word of it one token; the same writer as the LDM's): a token
+    # table of ~600 rows instead of open_clip's 49,408 keeps the shipped weights small. open_clip loads it
+    # from the model folder (the `local-dir:` layout); vocab_size is filled in by `build`.
+    "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": None, "width": 64, "heads": 4, "layers": 3,
+                 "hf_tokenizer_name": NAME},
 }
 
 
-def build(config_dir: Path):
+def write_folder(folder: Path) -> Path:
+    """The model folder in open_clip's hub layout, without weights: open_clip_config.json and the tokenizer."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from transformers import CLIPTokenizer
+
+    from diffedit.stages.tiny import write_clip_tokenizer
+
+    write_clip_tokenizer(folder, scenes.WORDS, model_max_length=CONTEXT_LENGTH)
+    config = json.loads(json.dumps(CLIP_CONFIG))
+    config["text_cfg"]["vocab_size"] = len(CLIPTokenizer.from_pretrained(folder))
+    preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}  # as `normalise` below
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=1) + "\n"
+    )
+    return folder
+
+
+def build(folder: Path):
     import open_clip
 
-    config_dir.mkdir(parents=True, exist_ok=True)
-    path = config_dir / f"{NAME}.json"
-    path.write_text(json.dumps(CLIP_CONFIG, indent=1) + "\n")
-    open_clip.add_model_config(path)
-    model, _, preprocess = open_clip.create_model_and_transforms(NAME)
-    return model, preprocess, open_clip.get_tokenizer(NAME)
+    name = "local-dir:" + str(write_folder(folder).resolve())
+    model, _, preprocess = open_clip.create_model_and_transforms(name, load_weights=False)
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def normalise(images_BHWC: torch.Tensor) -> torch.Tensor:
@@ -104,6 +121,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     step, spent = progress["step"], progress["seconds"]
     log = []
+    loss = torch.tensor(float("nan"))
     model.train()
     while time.time() - t0 < args.minutes * 60:
         for g in opt.param_groups:

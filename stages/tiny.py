@@ -36,25 +36,50 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding as CLIP's tokenizer runs it: merge the lowest-ranked adjacent pair until none is left."""
+    while len(symbols) > 1:
+        pairs = [(ranks[p], p) for p in zip(symbols, symbols[1:]) if p in ranks]
+        if not pairs:
+            break
+        _, (a, b) = min(pairs)
+        out, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                out.append(a + b)
+                i += 2
+            else:
+                out.append(symbols[i])
+                i += 1
+        symbols = out
+    return symbols
+
+
 def write_clip_tokenizer(out_dir: str | Path, words=DEFAULT_WORDS, model_max_length: int = 77) -> Path:
     """Write a valid CLIP BPE tokenizer (vocab.json, merges.txt) whose merges spell out ``words``.
 
-    Every byte is in the vocabulary, so any text tokenizes; the listed words usually become single
-    tokens. Loadable with ``transformers.CLIPTokenizer.from_pretrained(out_dir)``.
+    Every byte is in the vocabulary, so any text tokenizes; each listed word becomes a single token.
+    Loadable with ``transformers.CLIPTokenizer.from_pretrained(out_dir)``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chars = list(bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     known = set(vocab_list)
     for word in dict.fromkeys(w.lower() for w in words):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        left = symbols[0]
-        for right in symbols[1:]:
+        # Tokenize the word with the merges so far, then chain its pieces into one token with new merges.
+        # New merges rank after every earlier one, so they never change how an earlier word tokenizes;
+        # chaining the *pieces* (not the characters) keeps earlier merges from splitting this word.
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        left = pieces[0]
+        for right in pieces[1:]:
             merged = left + right
-            if merged not in known:
+            if (left, right) not in ranks:
+                ranks[(left, right)] = len(merges)
                 merges.append((left, right))
+            if merged not in known:
                 vocab_list.append(merged)
                 known.add(merged)
             left = merged

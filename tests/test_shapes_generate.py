@@ -92,33 +92,44 @@ def test_shipped_ldm_loads_in_diffusers():
     from diffusers import StableDiffusionPipeline
 
     folder = MODELS / "shapes-ldm"
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    assert size <= 15e6
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
     assert json.loads((folder / "diffedit.json").read_text())["guidance"] > 0
+    # every word of the world is one token of the shipped tokenizer
+    assert [w for w in scenes.WORDS if len(pipe.tokenizer(w, add_special_tokens=False).input_ids) != 1] == []
+
+
+def test_shipped_weights_fit_the_budget():
+    """Both shipped models together stay within 15 MB, so the repository travels whole."""
+    size = sum(f.stat().st_size for name in ("shapes-ldm", "shapes-clip") for f in (MODELS / name).rglob("*") if f.is_file())
+    assert size <= 15e6, f"shipped models take {size / 1e6:.2f} MB"
 
 
 def test_shipped_clip_prefers_the_true_caption():
+    """The shipped CLIP, loaded by open_clip from its folder as a user would, tells colour and shape apart."""
     import open_clip
     import torch
 
-    folder = MODELS / "shapes-clip"
-    open_clip.add_model_config(folder / "shapes-clip.json")
-    model, _, preprocess = open_clip.create_model_and_transforms("shapes-clip")
-    open_clip.load_checkpoint(model, str(folder / "open_clip_model.safetensors"), strict=True)
-    tokenizer = open_clip.get_tokenizer("shapes-clip")
+    name = "local-dir:" + str((MODELS / "shapes-clip").resolve())
+    model, _, preprocess = open_clip.create_model_and_transforms(name)  # loads open_clip_model.safetensors
+    tokenizer = open_clip.get_tokenizer(name)
     model.eval()
-    wins, n = 0, 16
+    wins, n = {"color": 0, "shape": 0}, 16
     for i in range(n):
         s = scenes.make_scene(0, i)
         obj = s.info["objects"][0]
-        wrong = next(c for c in scenes.COLORS if c != obj["color"])
-        false_caption = s.caption.replace(f"{obj['color']} {obj['shape']}", f"{wrong} {obj['shape']}", 1)
-        false_caption = false_caption.replace(f" a {wrong}", f" {'an' if wrong[0] in 'aeiou' else 'a'} {wrong}")
-        with torch.no_grad():
-            img = model.encode_image(preprocess(Image.fromarray(s.image))[None], normalize=True)
-            txt = model.encode_text(tokenizer([s.caption, false_caption]), normalize=True)
-        sims = (img @ txt.T)[0]
-        wins += int(sims[0] > sims[1])
-    assert wins >= 0.75 * n
+        wrong = {
+            "color": (next(c for c in scenes.COLORS if c != obj["color"]), obj["shape"]),
+            "shape": (obj["color"], next(x for x in scenes.SHAPES if x != obj["shape"])),
+        }
+        for kind, (color, shape) in wrong.items():
+            article = "an" if color[0] in "aeiou" else "a"
+            false_caption = s.caption.replace(f"{obj['color']} {obj['shape']}", f"{color} {shape}", 1)
+            false_caption = false_caption.replace(f"an {color} {shape}", f"{article} {color} {shape}")
+            false_caption = false_caption.replace(f"a {color} {shape}", f"{article} {color} {shape}")
+            with torch.no_grad():
+                img = model.encode_image(preprocess(Image.fromarray(s.image))[None], normalize=True)
+                txt = model.encode_text(tokenizer([s.caption, false_caption]), normalize=True)
+            sims = (img @ txt.T)[0]
+            wins[kind] += int(sims[0] > sims[1])
+    assert wins["color"] >= 0.75 * n and wins["shape"] >= 0.75 * n, wins
