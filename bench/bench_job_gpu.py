@@ -7,6 +7,12 @@ SD 1.5's architecture with random weights (see bench_gpu.py) is saved as a diffu
 the job's actors like any checkpoint; shards of random 512x512 JPEGs are written with webdataset's writer.
 Paper defaults (unconditional encoding), fp16, scores off (the CLIP would be the shapes one, meaningless here).
 Both the engine and the job run eagerly (no torch.compile), so the ratio measures the job's plumbing.
+
+Besides wall-clock edits/s (start-up included), each job row reports its steady rate: the rows of the
+committed Parquet parts after the first, over the time between the first and the last part's commit (file
+modification times), i.e. the job once Ray, the actor and the first batch are up.
+
+    python bench/bench_job_gpu.py --out $OUT --images 480 --batch-size 32 --engine-batches 5 --variants c
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine-batches", type=int, default=0, help="in-process batches timed (default: images / batch size)")
+    p.add_argument("--variants", default="c,two-gpus,half", help="job variants: c (1 actor x 1 GPU), two-gpus "
+                   "(2 actors x 1 GPU, where 2 GPUs exist), half (2 actors x 0.5 GPU on one GPU)")
     args = p.parse_args(argv)
     work = Path("/tmp/bench_job")
     model_dir = save_model(work)
@@ -81,7 +90,7 @@ def main(argv=None):
     edit_batch(model, x[:2], [SOURCE] * 2, [TARGET] * 2, seeds[:2], EditConfig(), max_batch=64)  # warm-up
     torch.cuda.synchronize()
     t = time.perf_counter()
-    reps = max(1, args.images // n)
+    reps = args.engine_batches or max(1, args.images // n)
     for _ in range(reps):
         edit_batch(model, x, [SOURCE] * n, [TARGET] * n, seeds, EditConfig(), max_batch=64)
     torch.cuda.synchronize()
@@ -93,10 +102,12 @@ def main(argv=None):
     # (c) the whole job, one actor on the GPU; then two actors of 0.5 GPU each.
     from diffedit.pipelines.job import JobOptions, run_job
 
-    variants = [("(c) diffedit run, 1 actor x 1 GPU", dict(gpus_per_actor=1.0, num_gpus=1))]
-    if torch.cuda.device_count() >= 2:
+    wanted = set(args.variants.split(","))
+    variants = [("(c) diffedit run, 1 actor x 1 GPU", dict(gpus_per_actor=1.0, num_gpus=1))] if "c" in wanted else []
+    if "two-gpus" in wanted and torch.cuda.device_count() >= 2:
         variants.append(("issue 8: diffedit run, 2 actors x 1 GPU", dict(gpus_per_actor=1.0, num_gpus=2)))
-    variants.append(("issue 8: diffedit run, 2 actors x 0.5 GPU", dict(gpus_per_actor=0.5, num_gpus=2)))
+    if "half" in wanted:
+        variants.append(("issue 8: diffedit run, 2 actors x 0.5 GPU", dict(gpus_per_actor=0.5, num_gpus=2)))
     for i, (name, kw) in enumerate(variants):
         out = work / f"out{i}"
         t = time.perf_counter()
@@ -105,9 +116,23 @@ def main(argv=None):
                                      dtype="fp16", scores=False, overwrite=True, **kw))
         wall = time.perf_counter() - t
         ok = summary["total_by_status"].get("ok", 0)
+        steady = steady_rate(out / "manifest")
         record(variant=name, edits=ok, wall_s=wall, edits_per_s=ok / wall, job_summary=summary,
-               share_of_engine=(ok / wall) / engine_eps, device=torch.cuda.get_device_name(),
-               gpus=torch.cuda.device_count())
+               share_of_engine=(ok / wall) / engine_eps, **steady,
+               steady_share_of_engine=steady["steady_edits_per_s"] / engine_eps if steady["steady_edits_per_s"] else None,
+               device=torch.cuda.get_device_name(), gpus=torch.cuda.device_count())
+
+
+def steady_rate(manifest: Path) -> dict:
+    """Rows committed after the first part, over the time from the first part's commit to the last's."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((f.stat().st_mtime, pq.ParquetFile(f).metadata.num_rows) for f in manifest.glob("*.parquet"))
+    if len(parts) < 2 or parts[-1][0] == parts[0][0]:
+        return {"parts": len(parts), "steady_edits_per_s": None}
+    rows = sum(n for _, n in parts[1:])
+    return {"parts": len(parts), "steady_rows": rows, "steady_s": parts[-1][0] - parts[0][0],
+            "steady_edits_per_s": rows / (parts[-1][0] - parts[0][0])}
 
 
 if __name__ == "__main__":
