@@ -13,6 +13,13 @@ committed Parquet parts after the first, over the time between the first and the
 modification times), i.e. the job once Ray, the actor and the first batch are up.
 
     python bench/bench_job_gpu.py --out $OUT --images 480 --batch-size 32 --engine-batches 5 --variants c
+
+Where scoring should run (issue 5): the variant ``c-scores`` is ``c`` with the scores on, in the edit actor as
+the job does it, with an SD-scale scorer: open_clip's ViT-L-14 and LPIPS' AlexNet with *random* weights saved
+to safetensors files (timing only: their values are meaningless and are not reported). The steady-rate
+difference is what scoring costs the GPU actor, so the most a separate scoring pool could win back.
+
+    python bench/bench_job_gpu.py --out $OUT --images 256 --batch-size 32 --engine-batches 0 --variants c,c-scores
 """
 
 from __future__ import annotations
@@ -60,9 +67,10 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--engine-batches", type=int, default=0, help="in-process batches timed (default: images / batch size)")
-    p.add_argument("--variants", default="c,two-gpus,half", help="job variants: c (1 actor x 1 GPU), two-gpus "
-                   "(2 actors x 1 GPU, where 2 GPUs exist), half (2 actors x 0.5 GPU on one GPU)")
+    p.add_argument("--engine-batches", type=int, default=None,
+                   help="in-process batches timed (default: images / batch size; 0: skip the engine)")
+    p.add_argument("--variants", default="c,two-gpus,half", help="job variants: c (1 actor x 1 GPU), c-scores (c with "
+                   "SD-scale scores), two-gpus (2 actors x 1 GPU, where 2 GPUs exist), half (2 actors x 0.5 GPU on one GPU)")
     args = p.parse_args(argv)
     work = Path("/tmp/bench_job")
     model_dir = save_model(work)
@@ -90,12 +98,13 @@ def main(argv=None):
     edit_batch(model, x[:2], [SOURCE] * 2, [TARGET] * 2, seeds[:2], EditConfig(), max_batch=64)  # warm-up
     torch.cuda.synchronize()
     t = time.perf_counter()
-    reps = args.engine_batches or max(1, args.images // n)
+    reps = max(1, args.images // n) if args.engine_batches is None else args.engine_batches
     for _ in range(reps):
         edit_batch(model, x, [SOURCE] * n, [TARGET] * n, seeds, EditConfig(), max_batch=64)
     torch.cuda.synchronize()
-    engine_eps = reps * n / (time.perf_counter() - t)
-    record(variant="(d) engine in-process, paper defaults", edits_per_s=engine_eps, images=reps * n)
+    engine_eps = reps * n / (time.perf_counter() - t) if reps else None
+    if reps:
+        record(variant="(d) engine in-process, paper defaults", edits_per_s=engine_eps, images=reps * n)
     del model
     torch.cuda.empty_cache()
 
@@ -104,6 +113,9 @@ def main(argv=None):
 
     wanted = set(args.variants.split(","))
     variants = [("(c) diffedit run, 1 actor x 1 GPU", dict(gpus_per_actor=1.0, num_gpus=1))] if "c" in wanted else []
+    if "c-scores" in wanted:
+        variants.append(("(c) with SD-scale scores in the actor (random-weight ViT-L-14 + AlexNet LPIPS, timing only)",
+                         dict(gpus_per_actor=1.0, num_gpus=1, scores=True, **random_scorers(work))))
     if "two-gpus" in wanted and torch.cuda.device_count() >= 2:
         variants.append(("issue 8: diffedit run, 2 actors x 1 GPU", dict(gpus_per_actor=1.0, num_gpus=2)))
     if "half" in wanted:
@@ -113,14 +125,28 @@ def main(argv=None):
         t = time.perf_counter()
         summary = run_job(JobOptions(inputs=[pattern], output=str(out), model=str(model_dir),
                                      prompts=str(work / "shards" / "rules.yaml"), batch_size=args.batch_size,
-                                     dtype="fp16", scores=False, overwrite=True, **kw))
+                                     dtype="fp16", overwrite=True, **{"scores": False, **kw}))
         wall = time.perf_counter() - t
         ok = summary["total_by_status"].get("ok", 0)
         steady = steady_rate(out / "manifest")
         record(variant=name, edits=ok, wall_s=wall, edits_per_s=ok / wall, job_summary=summary,
-               share_of_engine=(ok / wall) / engine_eps, **steady,
-               steady_share_of_engine=steady["steady_edits_per_s"] / engine_eps if steady["steady_edits_per_s"] else None,
+               share_of_engine=(ok / wall) / engine_eps if engine_eps else None, **steady,
+               steady_share_of_engine=steady["steady_edits_per_s"] / engine_eps if steady["steady_edits_per_s"] and engine_eps else None,
                device=torch.cuda.get_device_name(), gpus=torch.cuda.device_count())
+
+
+def random_scorers(work: Path) -> dict:
+    """SD-scale scoring models with random weights in safetensors files, for timing the scorer only."""
+    import open_clip
+    import torchvision
+    from safetensors.torch import save_file
+
+    clip = open_clip.create_model("ViT-L-14")
+    save_file({k: v.half().contiguous() for k, v in clip.state_dict().items()}, str(work / "clip_random.safetensors"))
+    alex = torchvision.models.alexnet()
+    save_file({k: v.contiguous() for k, v in alex.state_dict().items()}, str(work / "alexnet_random.safetensors"))
+    return dict(clip_model="ViT-L-14", clip_weights=str(work / "clip_random.safetensors"),
+                lpips_weights=str(work / "alexnet_random.safetensors"))
 
 
 def steady_rate(manifest: Path) -> dict:
