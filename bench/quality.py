@@ -169,6 +169,21 @@ def plots(results: dict, examples: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def reference_only(n: int, model_path, out: Path) -> int:
+    """diffusers' pipeline with its defaults on ``n`` held-out scenes, judged as ``diffedit eval`` judges ours."""
+    model = load_model(model_path or SHIPPED_MODEL, device="cpu", dtype="fp32")
+    held = ev.heldout_scenes(n)
+    edits = ev.heldout_edits(held)
+    recon = dict(zip((ev.scene_key(s) for s in held), ev.vae_reconstructions(model, [s.image for s in held])))
+    t0 = time.time()
+    edited, masks = diffusers_reference(model, edits)
+    summary, _ = judged(edits, edited, masks, recon)
+    summary["seconds"] = round(time.time() - t0, 1)
+    (out / f"diffusers_n{n}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=16, help="held-out one-object scenes (default 16)")
@@ -176,9 +191,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/quality", help="folder for results.json and the PNGs")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--reference-only", type=int, metavar="N",
+                   help="only diffusers' pipeline on N scenes (colour and shape edits): OUT/diffusers_nN.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.reference_only:
+        return reference_only(args.reference_only, args.model, out)
     t_start = time.time()
     results: dict[str, dict] = {}
 
