@@ -174,7 +174,7 @@ def reference_only(n: int, model_path, out: Path) -> int:
     model = load_model(model_path or SHIPPED_MODEL, device="cpu", dtype="fp32")
     held = ev.heldout_scenes(n)
     edits = ev.heldout_edits(held)
-    recon = dict(zip((ev.scene_key(s) for s in held), ev.vae_reconstructions(model, [s.image for s in held])))
+    recon = ev.vae_ceilings(model, held)
     t0 = time.time()
     edited, masks = diffusers_reference(model, edits)
     summary, _ = judged(edits, edited, masks, recon)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     held = ev.heldout_scenes(args.n)
     edits = ev.heldout_edits(held)
     color_edits = [e for e in edits if e.kind == "color"]
-    recon = dict(zip((ev.scene_key(s) for s in held), ev.vae_reconstructions(model, [s.image for s in held])))
+    recon = ev.vae_ceilings(model, held)
     bs = args.batch_size
 
     def variant(name, config=defaults, these=color_edits, masks=None, sources=None, note=""):

@@ -26,7 +26,7 @@ model = load_model(SHIPPED_MODEL, device="cpu", dtype="fp32")
 base = EditConfig()  # the paper's defaults; the grid varies three of them
 held = ev.heldout_scenes(n, seed=1)
 edits = ev.heldout_edits(held)
-recon = dict(zip((ev.scene_key(s) for s in held), ev.vae_reconstructions(model, [s.image for s in held])))
+recon = ev.vae_ceilings(model, held)
 res = model.resolution
 soft_cache = None
 for thr in (0.5, 0.75):

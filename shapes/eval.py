@@ -198,6 +198,11 @@ def vae_reconstructions(model, images: list[np.ndarray], batch_size: int = 32) -
     return out
 
 
+def vae_ceilings(model, held: list[scenes.Scene]) -> dict[str, np.ndarray]:
+    """Each held-out scene's VAE encode-decode (the ceilings' image), by scene key."""
+    return dict(zip((scene_key(s) for s in held), vae_reconstructions(model, [s.image for s in held])))
+
+
 def judge_edit(edit: EvalEdit, edited_HW3: np.ndarray, mask_HW: np.ndarray, recon_HW3: np.ndarray) -> dict:
     """Every metric of one edit against its scene's ground truth (``recon_HW3``: the VAE ceiling's image)."""
     source, obj_mask = edit.scene.image, edit.scene.masks[0]
@@ -289,7 +294,7 @@ def run_eval(n: int = 64, seed: int = EVAL_SEED, model: str | None = None, out: 
     run = json.loads((work / "job" / "run.json").read_text())
     ok = df[df["status"] == "ok"]
     loaded = load_model(model or SHIPPED_MODEL, device="cpu", dtype="fp32")
-    recon = dict(zip((scene_key(s) for s in held), vae_reconstructions(loaded, [s.image for s in held])))
+    recon = vae_ceilings(loaded, held)
     rows = []
     for r in ok.itertuples():
         e = edits[(r.key, int(r.edit_index))]
