@@ -169,3 +169,35 @@ def test_fingerprint_changes_with_weights(tiny_model_dir, tmp_path):
         b.unet.conv_in.weight[0, 0, 0, 0] += 1
     b._fingerprint = None
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_compiled_engine_matches_eager(tiny_model_dir):
+    """The compiled path (the UNet, in place) edits as the eager one does, padded batch included."""
+    eager = load_model(tiny_model_dir, device="cpu", dtype="fp32")
+    compiled = load_model(tiny_model_dir, device="cpu", dtype="fp32").compile()
+    assert "_orig_mod" not in "".join(compiled.unet.state_dict())  # in place: weights keep their names
+    images = images_to_tensor(random_images(3), eager.resolution)
+    sources, targets = ["a red circle", "a dog", "a star"], ["a blue circle", "a cat", "a square"]
+    seeds = [edit_seed(0, f"k{i}", 0) for i in range(3)]
+    # max_batch 8 with guided encoding: every UNet call (mask 4 x 3 x 2, encoding, decoding) is one graph of 8.
+    config = EditConfig.from_flat(steps=10, mask_samples=3, conditional_encoding=True, encode_guidance=3.0)
+    ref = edit_batch(eager, images, sources, targets, seeds, config, max_batch=8)
+    out = edit_batch(compiled, images, sources, targets, seeds, config, max_batch=8, pad_to=4)
+    assert torch.equal(out.mask_Bhw, ref.mask_Bhw)
+    torch.testing.assert_close(out.edited_BCHW, ref.edited_BCHW, rtol=0, atol=1e-3)
+
+
+def test_attention_backend_choice(tiny_model_dir):
+    """A chosen SDPA kernel (here the math one, the only one sure to exist on CPU) edits as PyTorch's own choice does."""
+    default = load_model(tiny_model_dir, device="cpu", dtype="fp32")
+    chosen = load_model(tiny_model_dir, device="cpu", dtype="fp32")
+    chosen.attention = "math"
+    images = images_to_tensor(random_images(2), default.resolution)
+    seeds = [edit_seed(0, f"k{i}", 0) for i in range(2)]
+    config = EditConfig.from_flat(steps=6, mask_samples=2)
+    ref = edit_batch(default, images, ["a red circle"] * 2, ["a blue circle"] * 2, seeds, config)
+    out = edit_batch(chosen, images, ["a red circle"] * 2, ["a blue circle"] * 2, seeds, config)
+    torch.testing.assert_close(out.edited_BCHW, ref.edited_BCHW, rtol=0, atol=1e-4)
+    chosen.attention = "fast"
+    with pytest.raises(ValueError, match="`attention` must be one of flash, cudnn"):
+        edit_batch(chosen, images, ["a red circle"] * 2, ["a blue circle"] * 2, seeds, config)
