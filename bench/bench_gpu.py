@@ -10,15 +10,19 @@ ViT-L/14 text encoder) with random weights and times, in one run:
 For each: edits/s, FLOPs per edit (torch.utils.flop_counter), share of the FLOP floor (FLOPs over the
 measured fp16 matmul rate), peak GPU memory, compile time.
 
-    python bench/bench_gpu.py --out results/            # on a GPU machine
-    python bench/bench_gpu.py --tiny --out /tmp/b       # a seconds-long smoke run on CPU
+    bash bench/on_gpu.sh python3 bench/bench_gpu.py --out $OUT --compile --skip-eager --our-sizes 32 --profile
+    python bench/bench_gpu.py --tiny --out /tmp/b --diffusers-sizes 1,2 --our-sizes 2    # a smoke run on CPU
+
+With ``--compile``, the compiled engine is timed under each of ``--compiled-variants`` in turn (cumulative:
+cuDNN's conv autotuning, then cuDNN's attention kernel); ``--profile`` then breaks one (b) call down by phase
+and by GPU kernel family. The first line's command is the one behind docs/BENCHMARKS.md (about 8 minutes on
+one H200, start-up included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -156,6 +160,70 @@ def timed(device, fn, repeats: int = 1) -> tuple[float, float]:
     return first, float(np.median(times)) if times else first
 
 
+def phase_profile(model, fn, device) -> dict:
+    """Where one call of ``fn`` spends its time: synced wall time per model method, GPU kernel time by family."""
+    from unet_variants import kernel_breakdown  # bench/ is on sys.path when this script runs
+
+    spent, calls = {}, {}
+    originals = {name: getattr(model, name) for name in ("predict", "encode_images", "decode_latents", "encode_text")}
+
+    def timed_method(name, method):
+        def wrapper(*a, **k):
+            sync(device)
+            t = time.perf_counter()
+            out = method(*a, **k)
+            sync(device)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+            calls[name] = calls.get(name, 0) + 1
+            return out
+        return wrapper
+
+    for name, method in originals.items():
+        setattr(model, name, timed_method(name, method))
+    try:
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        total = time.perf_counter() - t
+    finally:
+        for name in originals:
+            delattr(model, name)  # back to the class's bound methods
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    unsynced = time.perf_counter() - t
+    kernels = kernel_breakdown(fn, repeats=1)
+    return dict(wall_s=unsynced, wall_synced_s=total, gpu_kernel_s=kernels["gpu_ms"] / 1e3,
+                phases_s={k: round(v, 3) for k, v in spent.items()}, calls=calls,
+                other_s=round(total - sum(spent.values()), 3), kernel_families_ms=kernels["families"],
+                top_kernels=kernels["top_kernels"])
+
+
+VARIANTS = {  # cumulative: each adds to the ones before it on the command line
+    "compiled": "torch.compile'd UNet (DiffEditModel.compile)",
+    "cudnn-bench": "torch.backends.cudnn.benchmark = True (cuDNN times its conv algorithms per shape)",
+    "cudnn-attention": "the UNet's attention on cuDNN's fused kernel (DiffEditModel.attention = 'cudnn'); recompiles",
+}
+
+
+def apply_variant(model: DiffEditModel, variant: str, device) -> str:
+    """Switch the compiled engine to ``variant`` (on top of the ones before it); returns the row's label."""
+    if variant not in VARIANTS:
+        raise SystemExit(f"Unknown compiled variant {variant!r}; choose from {', '.join(VARIANTS)}.")
+    applied = getattr(model, "_bench_variants", [])
+    if variant == "cudnn-bench":
+        torch.backends.cudnn.benchmark = True
+    elif variant == "cudnn-attention":
+        if device.type != "cuda":
+            raise SystemExit("cudnn-attention needs a CUDA device.")
+        model.attention = "cudnn"
+        torch._dynamo.reset()  # the attention kernel is chosen when the UNet is traced: compile again
+    model._bench_variants = applied + [variant]
+    return ", ".join(model._bench_variants)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -164,8 +232,14 @@ def main(argv=None):
     p.add_argument("--diffusers-sizes", default="1,4,8,12")
     p.add_argument("--our-sizes", default="8,16,32")
     p.add_argument("--max-batch", type=int, default=64, help="our UNet micro-batch cap (bounds peak memory)")
-    p.add_argument("--compile", action="store_true", help="also time our engine with torch.compile'd UNet")
+    p.add_argument("--compile", action="store_true", help="also time our engine compiled (DiffEditModel.compile)")
+    p.add_argument("--compiled-variants", default="compiled,cudnn-bench,cudnn-attention",
+                   help="compiled variants, applied one after the other (cumulative): " + "; ".join(
+                       f"{k}: {v}" for k, v in VARIANTS.items()))
     p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--skip-eager", action="store_true", help="time our engine compiled only (at the largest of --our-sizes)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timings, break one (b) call at the largest size down: time per phase, GPU kernels")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -200,6 +274,7 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
         (args.out / "bench_gpu.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+        write_table(args.out, env, rows, echo=False)
 
     with torch.no_grad():
         flops_ours = count_flops(lambda: run_ours(model, x_all[:1], same_work, args.max_batch))
@@ -212,22 +287,31 @@ def main(argv=None):
                 first, steady = timed(device, lambda: run_diffusers(pipe, pil[:n]), repeats=2 if n == 1 else 1)
                 record("(a) diffusers DiffEdit pipeline", n, first, steady, flops_diff, peak_gib(device))
         for config, name, flops in ((same_work, "(b) ours, same work", flops_ours), (paper, "(d) ours, paper defaults", flops_paper)):
-            for n in [int(s) for s in args.our_sizes.split(",")]:
+            for n in [] if args.skip_eager else [int(s) for s in args.our_sizes.split(",")]:
                 peak_reset(device)
                 first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
                 record(name, n, first, steady, flops, peak_gib(device))
         if args.compile:
-            model.unet = torch.compile(model.unet, dynamic=False)
-            for config, name, flops in ((same_work, "(b) ours, same work, compiled", flops_ours),
-                                        (paper, "(d) ours, paper defaults, compiled", flops_paper)):
-                n = max(int(s) for s in args.our_sizes.split(","))
-                peak_reset(device)
-                first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
-                record(name, n, first, steady, flops, peak_gib(device), compile_s=first - steady)
+            model.compile()  # the engine's own path (DiffEditModel.compile: the UNet, static shapes)
+            n = max(int(s) for s in args.our_sizes.split(","))
+            for variant in args.compiled_variants.split(","):
+                label = apply_variant(model, variant, device)
+                for config, name, flops in ((same_work, "(b) ours, same work", flops_ours),
+                                            (paper, "(d) ours, paper defaults", flops_paper)):
+                    peak_reset(device)
+                    first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
+                    extra = first - steady  # compilation (or cuDNN's autotuning) on the first call
+                    record(f"{name}, {label}", n, first, steady, flops, peak_gib(device), compile_s=extra if extra > 1 else None)
+        if args.profile and device.type == "cuda":
+            n = max(int(s) for s in args.our_sizes.split(","))
+            prof = phase_profile(model, lambda: run_ours(model, x_all[:n], same_work, args.max_batch), device)
+            prof.update(variant="(b) ours, same work" + (f", {label}" if args.compile else ""), images_per_call=n)
+            print(json.dumps(prof), flush=True)
+            (args.out / "bench_gpu_profile.json").write_text(json.dumps(prof, indent=1))
     write_table(args.out, env, rows)
 
 
-def write_table(out: Path, env: dict, rows: list[dict]):
+def write_table(out: Path, env: dict, rows: list[dict], echo: bool = True):
     lines = [f"device: {env['device']}; torch {env['torch']}; diffusers {env.get('diffusers')}; {env['dtype']}; "
              f"measured matmul rate {env['matmul_tflops'] and round(env['matmul_tflops'])} TFLOP/s", "",
              "| variant | images/call | edits/s | TFLOP/edit | share of FLOP floor | peak GiB | compile s |",
@@ -235,13 +319,14 @@ def write_table(out: Path, env: dict, rows: list[dict]):
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['variant']} | {r['images_per_call']} | {r['edits_per_s']:.2f} | {r['tflop_per_edit']:.1f} | "
-                     f"{fmt(r['floor_share'], '.0%')} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['compile_s'], '.0f')} |")
+                     f"{fmt(r['floor_share'], '.1%')} | {fmt(r['peak_gib'], '.1f')} | {fmt(r['compile_s'], '.0f')} |")
     a = max((r["edits_per_s"] for r in rows if r["variant"].startswith("(a)")), default=None)
     b = max((r["edits_per_s"] for r in rows if r["variant"].startswith("(b)")), default=None)
     if a and b:
-        lines += ["", f"speedup: {b / a:.1f}x ((b) best over (a) best)"]
+        lines += ["", f"speedup: {b / a:.1f}x ((b) best over (a) best: {b:.2f} / {a:.2f} edits/s)"]
     (out / "bench_gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if echo:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
