@@ -50,6 +50,12 @@ class OutputStore:
             shutil.rmtree(self.parts, ignore_errors=True)
             self.run_json.unlink()
             previous = None
+        if previous is not None and previous.get("schema_version") != run.get("schema_version"):
+            raise ParameterMismatch(
+                f"{self.out} holds a manifest of schema version {previous.get('schema_version')}, written by another "
+                f"version of diffedit; this one writes version {run.get('schema_version')} and cannot add to it. Its "
+                "rows stay readable with pandas; use another --output, or pass --overwrite to delete it and start again."
+            )
         if previous is not None:
             changed = [k for k in IDENTITY_KEYS if previous.get(k) != run.get(k)]
             if changed:

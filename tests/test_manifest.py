@@ -63,6 +63,19 @@ def test_changed_parameters_are_refused_unless_overwrite(tmp_path):
     assert store.committed_ids() == set() and store.read_run()["seed"] == 1
 
 
+def test_a_manifest_of_another_schema_version_is_refused_by_name(tmp_path):
+    store = OutputStore(tmp_path)
+    store.begin({**RUN, "schema_version": "1"})
+    store.commit(rows(2))
+    now = {**RUN, "schema_version": SCHEMA_VERSION}
+    with pytest.raises(ParameterMismatch, match=rf"schema version 1, written by another version of diffedit; this one "
+                                                rf"writes version {SCHEMA_VERSION}.*--overwrite"):
+        store.begin(now)
+    assert len(store.committed_ids()) == 2
+    store.begin(now, overwrite=True)
+    assert store.committed_ids() == set() and store.read_run()["schema_version"] == SCHEMA_VERSION
+
+
 def test_status_and_export(tmp_path):
     store = OutputStore(tmp_path / "out")
     store.begin(RUN)
