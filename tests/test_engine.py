@@ -172,10 +172,11 @@ def test_fingerprint_changes_with_weights(tiny_model_dir, tmp_path):
 
 
 def test_compiled_engine_matches_eager(tiny_model_dir):
-    """The compiled path (the UNet, in place) edits as the eager one does, padded batch included."""
+    """The compiled path (the UNet, then the VAE too, in place) edits as the eager one does, padded batch included."""
     eager = load_model(tiny_model_dir, device="cpu", dtype="fp32")
-    compiled = load_model(tiny_model_dir, device="cpu", dtype="fp32").compile()
-    assert "_orig_mod" not in "".join(compiled.unet.state_dict())  # in place: weights keep their names
+    compiled = load_model(tiny_model_dir, device="cpu", dtype="fp32").compile().compile(vae=True)
+    assert compiled._compiled == {"unet", "vae_encoder", "vae_decoder"}
+    assert "_orig_mod" not in "".join(compiled.unet.state_dict()) + "".join(compiled.vae.state_dict())  # in place
     images = images_to_tensor(random_images(3), eager.resolution)
     sources, targets = ["a red circle", "a dog", "a star"], ["a blue circle", "a cat", "a square"]
     seeds = [edit_seed(0, f"k{i}", 0) for i in range(3)]
