@@ -181,19 +181,11 @@ def phase_profile(model, fn, device) -> dict:
     for name, method in originals.items():
         setattr(model, name, timed_method(name, method))
     try:
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        total = time.perf_counter() - t
+        total, _ = timed(device, fn, repeats=0)
     finally:
         for name in originals:
             delattr(model, name)  # back to the class's bound methods
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    unsynced = time.perf_counter() - t
+    unsynced, _ = timed(device, fn, repeats=0)
     kernels = kernel_breakdown(fn, repeats=1)
     return dict(wall_s=unsynced, wall_synced_s=total, gpu_kernel_s=kernels["gpu_ms"] / 1e3,
                 phases_s={k: round(v, 3) for k, v in spent.items()}, calls=calls,
@@ -209,11 +201,10 @@ VARIANTS = {  # cumulative: each adds to the ones before it on the command line
 }
 
 
-def apply_variant(model: DiffEditModel, variant: str, device) -> str:
-    """Switch the compiled engine to ``variant`` (on top of the ones before it); returns the row's label."""
+def apply_variant(model: DiffEditModel, variant: str, device) -> None:
+    """Switch the compiled engine to ``variant``, on top of the ones applied before it."""
     if variant not in VARIANTS:
         raise SystemExit(f"Unknown compiled variant {variant!r}; choose from {', '.join(VARIANTS)}.")
-    applied = getattr(model, "_bench_variants", [])
     if variant == "cudnn-bench":
         torch.backends.cudnn.benchmark = True
     elif variant == "vae":
@@ -223,8 +214,6 @@ def apply_variant(model: DiffEditModel, variant: str, device) -> str:
             raise SystemExit("cudnn-attention needs a CUDA device.")
         model.attention = "cudnn"
         torch._dynamo.reset()  # the attention kernel is chosen when the UNet is traced: compile again
-    model._bench_variants = applied + [variant]
-    return ", ".join(model._bench_variants)
 
 
 def main(argv=None):
@@ -297,8 +286,11 @@ def main(argv=None):
         if args.compile:
             model.compile()  # the engine's own path (DiffEditModel.compile: the UNet, static shapes)
             n = max(int(s) for s in args.our_sizes.split(","))
+            applied = []
             for variant in args.compiled_variants.split(","):
-                label = apply_variant(model, variant, device)
+                apply_variant(model, variant, device)
+                applied.append(variant)
+                label = ", ".join(applied)
                 for config, name, flops in ((same_work, "(b) ours, same work", flops_ours),
                                             (paper, "(d) ours, paper defaults", flops_paper)):
                     peak_reset(device)
