@@ -75,7 +75,7 @@ def kernel_breakdown(fn, repeats: int = 2) -> dict:
 
 
 def build_unet(variant: str, device, dtype):
-    """(callable, input transform, context) for one variant of SD 1.5's UNet (random weights)."""
+    """(UNet, callable to time, input layout transform, context to close) for one variant of SD 1.5's UNet (random weights)."""
     from diffusers import UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 from .schema import SCHEMA, SCHEMA_VERSION, to_table
 
 # Parameters that change the content of rows: a rerun with other values would mix two jobs in one manifest.
+# (The schema version is checked before these, with a message of its own.)
 IDENTITY_KEYS = ("edit", "seed", "model_fingerprint", "image_format", "prompts", "caption_field", "save_latents",
-                 "resolution", "scores", "schema_version", "samples_per_edit", "best_by")
+                 "resolution", "scores", "samples_per_edit", "best_by")
 
 
 class ParameterMismatch(RuntimeError):
