@@ -32,10 +32,10 @@ class Trajectory:
 
 
 def guided(model: DiffEditModel, x_BChw, t, embeds_BLD, uncond_BLD, guidance: float, max_batch=None) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): eps_u + g (eps_c - eps_u); one UNet batch of 2B."""
+    """Classifier-free guidance (Ho & Salimans 2022): eps_u + g (eps_c - eps_u); two prompts per latent, one UNet batch."""
     if guidance == 1.0:
         return model.predict(x_BChw, t, embeds_BLD, max_batch=max_batch)
-    pred = model.predict(torch.cat([x_BChw, x_BChw]), t, torch.cat([uncond_BLD, embeds_BLD]), max_batch=max_batch)
+    pred = model.predict(x_BChw, t, torch.cat([uncond_BLD, embeds_BLD]), max_batch=max_batch)
     pred_uncond, pred_cond = pred.chunk(2)
     return pred_uncond + guidance * (pred_cond - pred_uncond)
 

@@ -71,9 +71,9 @@ def infer_mask(
     noise_XChw = noise_BNChw.flatten(0, 1).to(latents_BChw.device, latents_BChw.dtype)
     noisy_XChw = scheduler.add_noise(x0_XChw, noise_XChw, t.expand(B * N))
     noisy_XChw = scheduler.scale_model_input(noisy_XChw, t)
-    # 2. Predict the noise under the source (reference) and the target (query) text, in one UNet batch.
+    # 2. Predict the noise under the source (reference) and the target (query) text: two prompts per noised latent.
     embeds = torch.cat([source_embeds_BLD.repeat_interleave(N, dim=0), target_embeds_BLD.repeat_interleave(N, dim=0)])
-    pred = model.predict(torch.cat([noisy_XChw, noisy_XChw]), t, embeds, max_batch=max_batch)
+    pred = model.predict(noisy_XChw, t, embeds, max_batch=max_batch)
     pred_source, pred_target = pred.float().chunk(2)
     # 3. |difference|, averaged over the N samples and the C channels.
     diff_Bhw = (pred_target - pred_source).abs().reshape(B, N, *pred.shape[1:]).mean(dim=(1, 2))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .prefix import PromptFreePrefix
+
 COMPONENTS = {
     # folder: (weights it must hold, or None for a config-only component)
     "unet": "diffusion_pytorch_model.safetensors",
@@ -101,8 +103,14 @@ class DiffEditModel:
     dtype: torch.dtype
     recommended: dict = field(default_factory=dict)  # the folder's diffedit.json, if any
     attention: str | None = None  # a key of ATTENTION_BACKENDS: the UNet's SDPA kernel; None: PyTorch's choice
+    # Run the UNet's prompt-independent first layers once per latent when predict() gets k prompts per latent.
+    share_prefix: bool = True
     _fingerprint: str | None = None
     _compiled: set = field(default_factory=set)  # the parts compile() has compiled
+    _prefix: PromptFreePrefix | None = None
+
+    def __post_init__(self):
+        self._prefix = PromptFreePrefix(self.unet)  # hooks, no-ops outside predict(); empty for an unknown UNet
 
     @property
     def vae_scale_factor(self) -> int:
@@ -172,22 +180,36 @@ class DiffEditModel:
         return self.vae.decode(latents).sample.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def predict(self, latents: torch.Tensor, t, embeds_BLD: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
-        """The UNet's raw output (epsilon or v) for a batch, optionally in micro-batches of ``max_batch``."""
-        n = latents.shape[0]
+    def predict(self, latents_BChw: torch.Tensor, t, embeds_KBLD: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
+        """The UNet's raw output (epsilon or v) for each of B latents under each of its k prompts.
+
+        ``embeds_KBLD`` holds k x B rows, as k blocks of B (block j: every latent's j-th prompt); so does the
+        output. With k > 1 the UNet's prompt-independent first layers run once per latent (stages/prefix.py).
+        ``t`` is a scalar or one timestep per latent. ``max_batch`` caps the rows of one UNet call (k per latent).
+        """
+        n = latents_BChw.shape[0]
+        k, extra = divmod(embeds_KBLD.shape[0], n)
+        if extra or k < 1:
+            raise ValueError(f"Got {n} latents and {embeds_KBLD.shape[0]} prompt embeddings; need k x {n} of them.")
         if isinstance(t, torch.Tensor) and t.ndim == 1:
             t = t.to(self.device)
         else:
             # A scalar timestep is filled on the device: copying a CPU tensor there would wait for the GPU's
             # queue to drain (pageable memory), leaving it idle while the next UNet call is launched.
             t = torch.full((n,), float(t), device=self.device)
-        step = max_batch or n
-        with self._attention_kernel():
-            outs = [
-                self.unet(latents[i : i + step], t[i : i + step], encoder_hidden_states=embeds_BLD[i : i + step]).sample
-                for i in range(0, n, step)
-            ]
-        return torch.cat(outs)
+        step = max(1, (max_batch or k * n) // k)  # latents per UNet call
+        shared = self._prefix.copies(k) if self.share_prefix and self._prefix else contextlib.nullcontext()
+        outs = []
+        with self._attention_kernel(), shared:
+            for i in range(0, n, step):
+                x, s = latents_BChw[i : i + step], min(step, n - i)
+                embeds = embeds_KBLD[i : i + s]
+                if k > 1:
+                    embeds = torch.cat([embeds_KBLD[j * n + i : j * n + i + s] for j in range(k)])
+                    x = torch.cat([x] * k)  # cat, not repeat: it keeps the latents' memory layout, and so the UNet's rounding
+                out = self.unet(x, t[i : i + s].repeat(k), encoder_hidden_states=embeds).sample
+                outs.append(out.unflatten(0, (k, s)))
+        return torch.cat(outs, dim=1).flatten(0, 1)  # k blocks of n rows
 
     def _attention_kernel(self):
         if self.attention is None:
@@ -198,15 +220,15 @@ class DiffEditModel:
 
         return sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[self.attention]))
 
-    def compile(self, mode: str | None = None, vae: bool = False) -> "DiffEditModel":
-        """``torch.compile`` the UNet (and with ``vae``, the VAE's encoder and decoder) in place, static shapes.
+    def compile(self, mode: str | None = None, vae: bool = True) -> "DiffEditModel":
+        """``torch.compile`` the UNet and (with ``vae``, the default) the VAE's encoder and decoder in place, static shapes.
 
         In place (``nn.Module.compile``), so weights keep their names; a part already compiled keeps its graphs,
-        so ``compile(vae=True)`` after ``compile()`` adds the VAE alone. Each distinct batch size compiles once. A
+        so ``compile()`` after ``compile(vae=False)`` adds the VAE alone. Each distinct batch size compiles once. A
         job keeps its batches the same size (see ``pad_to`` in ``edit_batch``), so an actor compiles its graphs
-        (mask, encoding and decoding batches) once and reuses them. On an H200 at SD 1.5 scale the UNet took
-        about 60 s and the engine ran at 49% of its FLOP floor (docs/BENCHMARKS.md). The VAE (one encode and one
-        decode per batch, about 5% of a call's time there, eager) is off by default: its gain is not measured yet.
+        (mask, encoding and decoding batches) once and reuses them. On an H200 at SD 1.5 scale this took about a
+        minute and the engine ran at about 50% of its FLOP floor; compiling the VAE too made a batch of 32 edits
+        2.5% faster and cut its peak memory from 18.2 to 12.2 GiB (docs/BENCHMARKS.md).
         """
         parts = {"unet": self.unet}
         if vae:

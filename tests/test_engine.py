@@ -174,7 +174,9 @@ def test_fingerprint_changes_with_weights(tiny_model_dir, tmp_path):
 def test_compiled_engine_matches_eager(tiny_model_dir):
     """The compiled path (the UNet, then the VAE too, in place) edits as the eager one does, padded batch included."""
     eager = load_model(tiny_model_dir, device="cpu", dtype="fp32")
-    compiled = load_model(tiny_model_dir, device="cpu", dtype="fp32").compile().compile(vae=True)
+    compiled = load_model(tiny_model_dir, device="cpu", dtype="fp32").compile(vae=False)
+    assert compiled._compiled == {"unet"}
+    compiled.compile()
     assert compiled._compiled == {"unet", "vae_encoder", "vae_decoder"}
     assert "_orig_mod" not in "".join(compiled.unet.state_dict()) + "".join(compiled.vae.state_dict())  # in place
     images = images_to_tensor(random_images(3), eager.resolution)
@@ -186,6 +188,12 @@ def test_compiled_engine_matches_eager(tiny_model_dir):
     out = edit_batch(compiled, images, sources, targets, seeds, config, max_batch=8, pad_to=4)
     assert torch.equal(out.mask_Bhw, ref.mask_Bhw)
     torch.testing.assert_close(out.edited_BCHW, ref.edited_BCHW, rtol=0, atol=1e-3)
+    # A batch of 4 rows holding 2 latents x 2 prompts, then 4 latents x 1 prompt: the same shapes reach the UNet, so
+    # only a guard on the number of copies keeps the second call off the first one's graph (which shares rows).
+    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = eager.encode_text(["a", "b", "c", "d"])
+    for latents in (x[:2], x):
+        torch.testing.assert_close(compiled.predict(latents, 500, embeds), eager.predict(latents, 500, embeds), rtol=0, atol=1e-4)
 
 
 def test_attention_backend_choice(tiny_model_dir):
@@ -202,3 +210,49 @@ def test_attention_backend_choice(tiny_model_dir):
     chosen.attention = "fast"
     with pytest.raises(ValueError, match="`attention` must be one of flash, cudnn"):
         edit_batch(chosen, images, ["a red circle"] * 2, ["a blue circle"] * 2, seeds, config)
+
+
+def test_prompt_free_prefix_runs_once_per_latent(tiny_model_dir):
+    """With k prompts per latent, the UNet's first ResNet and first self-attention see each latent once; the
+    output is the per-row UNet's, and the rows come back as k blocks of B."""
+    model = load_model(tiny_model_dir, device="cpu", dtype="fp32")
+    resnet, attn1 = model._prefix.modules
+    assert resnet is model.unet.down_blocks[0].resnets[0]
+    assert attn1 is model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    seen = []
+    for module in (resnet.conv1, attn1.to_q, model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_q):
+        module.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = model.encode_text(["a", "b", "c", "", "", ""])  # k = 2: three prompts, then the empty prompt thrice
+    shared = model.predict(x, 500, embeds)
+    assert seen == [3, 3, 6]  # ResNet and self-attention once per latent; the cross-attention per row
+    seen.clear()
+    model.share_prefix = False
+    per_row = model.predict(x, 500, embeds)
+    assert seen == [6, 6, 6]
+    torch.testing.assert_close(shared, per_row, rtol=0, atol=1e-5)
+    direct = model.unet(torch.cat([x, x]), torch.full((6,), 500.0), encoder_hidden_states=embeds).sample
+    torch.testing.assert_close(per_row, direct, rtol=0, atol=0)
+    # Micro-batches keep a latent's k rows together; the result does not change.
+    model.share_prefix = True
+    torch.testing.assert_close(model.predict(x, 500, embeds, max_batch=3), shared, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="3 latents and 4 prompt embeddings"):
+        model.predict(x, 500, embeds[:4])
+
+
+def test_prefix_sharing_only_where_the_prompt_is_not_seen():
+    """A UNet whose first transformer block cross-attends in its first attention, or whose time embedding gets
+    text, shares less or nothing."""
+    from diffusers import UNet2DConditionModel
+
+    from diffedit.stages.prefix import prompt_free_modules
+
+    kw = dict(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=16, norm_num_groups=4,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+              attention_head_dim=2)
+    unet = UNet2DConditionModel(**kw)
+    assert len(prompt_free_modules(unet)) == 2
+    only_cross = UNet2DConditionModel(**kw, only_cross_attention=True)
+    assert prompt_free_modules(only_cross) == [only_cross.down_blocks[0].resnets[0]]
+    text_time = UNet2DConditionModel(**kw, addition_embed_type="text", encoder_hid_dim=16)
+    assert prompt_free_modules(text_time) == []
