@@ -8,6 +8,7 @@ on its device, so latents never leave it.
 from __future__ import annotations
 
 import io
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -18,6 +19,9 @@ from PIL import Image
 from ..manifests.schema import edit_id, empty_row, to_table
 from .inputs import open_image, sample_from_row
 from .prompts import PromptSpec
+
+
+CALLS_IN_FLIGHT = 2  # EditActor calls running at once per actor (threads): one on the device, one on the CPU
 
 
 @dataclass(frozen=True)
@@ -112,13 +116,19 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
 
 
 class EditActor:
-    """``map_batches`` callable: pending rows -> edited rows; other rows pass through."""
+    """``map_batches`` callable: pending rows -> edited rows; other rows pass through.
+
+    The job runs it with two calls in flight (``CALLS_IN_FLIGHT``, threads): the model runs one batch at a time,
+    under ``self._device``, while the other call decodes its inputs or encodes its outputs (PIL releases the GIL
+    there), so the device does not wait for the CPU between batches.
+    """
 
     def __init__(self, options: ActorOptions):
         from ..stages.config import EditConfig
         from ..stages.model import load_model
 
         self.options = options
+        self._device = threading.Lock()  # one batch at a time on the model (and the scorer)
         self.model = load_model(options.model, device=options.device, dtype=options.dtype)
         if options.compile:
             self.model.compile()
@@ -165,32 +175,37 @@ class EditActor:
         from ..stages.mask import upsample_map
 
         m, res = self.model, self.model.resolution
-        images = images_to_tensor([r["_pil"] for r in rows], res).to(m.device)
+        images = images_to_tensor([r["_pil"] for r in rows], res)
         masks = [None if r["_user_mask"] is None else masks_to_tensor([r["_user_mask"]], res)[0] for r in rows]
-        out = edit_batch(
-            m, images, [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows],
-            [int(r["seed"]) for r in rows], self.config, masks=masks, max_batch=self.options.max_batch,
-            pad_to=self.options.pad_batches_to,
-        )
+        with self._device:
+            out = edit_batch(
+                m, images.to(m.device), [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows],
+                [int(r["seed"]) for r in rows], self.config, masks=masks, max_batch=self.options.max_batch,
+                pad_to=self.options.pad_batches_to,
+            )
+            edited_BCHW, mask_Bhw, inferred = out.edited_BCHW.cpu(), out.mask_Bhw.cpu(), out.inferred
+            latents_BChw = out.latents_BChw.float().cpu() if self.options.save_latents else None
+            del out
         sizes = [(r["width"], r["height"]) for r in rows]
-        edited = tensor_to_images(out.edited_BCHW, sizes)
-        full = upsample_map(out.mask_Bhw, (res, res))
+        edited = tensor_to_images(edited_BCHW, sizes)
+        full = upsample_map(mask_Bhw, (res, res))
         masks_full = [mask_to_image(full[i], sizes[i]) for i in range(len(rows))]
         column = "edited_jpg" if self.options.image_format == "jpeg" else "edited_png"
         if self.scorer is not None:
-            scores = self.scorer.score([r["_pil"] for r in rows], edited, masks_full,
-                                       [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows])
+            with self._device:
+                scores = self.scorer.score([r["_pil"] for r in rows], edited, masks_full,
+                                           [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows])
             for i, r in enumerate(rows):
                 r.update({name: values[i] for name, values in scores.items() if name != "mask_fraction"})
         for i, r in enumerate(rows):
             mask = masks_full[i]
             r.update(
-                status="ok", error=None, mask_png=encode_image(mask, "png"), mask_inferred=out.inferred[i],
+                status="ok", error=None, mask_png=encode_image(mask, "png"), mask_inferred=inferred[i],
                 mask_fraction=float(np.asarray(mask).mean() / 255.0),
             )
             r[column] = encode_image(edited[i], self.options.image_format)
             if self.options.save_latents:
-                lat = out.latents_BChw[i].float().cpu()
+                lat = latents_BChw[i]
                 r.update(latents=lat.flatten().numpy(), latents_shape=list(lat.shape))
 
 

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--clip-weights", help="local CLIP checkpoint (.safetensors) for --clip-model")
     run.add_argument("--lpips-weights", help="LPIPS backbone weights (torchvision); default: torch hub's cache, else null")
     run.add_argument("--rows-per-part", type=int, default=256, help="rows per committed Parquet part (the unit of resume)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the UNet in each actor (GPU; ~1 min start)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE in each actor (GPU; ~1.5 min start)")
     run.set_defaults(func=_run)
 
     st = sub.add_parser("status", help="counts by status, score distribution, what is left")

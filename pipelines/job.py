@@ -22,7 +22,7 @@ from pathlib import Path
 from ..manifests.best import DEFAULT_BEST_BY, NO_SCORE_RULE, check_best_by, complete_groups, mark_best
 from ..manifests.schema import SCHEMA_VERSION
 from ..manifests.store import OutputStore
-from .actor import ActorOptions, EditActor, ExpandOptions, committed_edits, expand_sample
+from .actor import CALLS_IN_FLIGHT, ActorOptions, EditActor, ExpandOptions, committed_edits, expand_sample
 from .inputs import DEFAULT_MAX_PIXELS, check_local_shard, expand_inputs
 from .prompts import PromptSpec
 
@@ -196,7 +196,11 @@ def run_job(o: JobOptions, log=print) -> dict:
             ds = ds.limit(o.limit)
         ds = ds.flat_map(expand).map_batches(
             EditActor, fn_constructor_args=(actor_options,), batch_size=o.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors), **resources,
+            # Two calls per actor at once: one batch's CPU work (image decode, PNG encode) overlaps another's
+            # device work; EditActor runs the model one batch at a time.
+            compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=CALLS_IN_FLIGHT,
+                                               enable_true_multi_threading=True),
+            **resources,
         )
         log(f"editing with {actors} actor(s) ({'GPU x %g each' % o.gpus_per_actor if gpus else 'CPU'}), "
             f"batch size {o.batch_size}" + (f" edits x {k} samples" if k > 1 else ""))

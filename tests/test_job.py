@@ -233,3 +233,52 @@ def test_bad_inputs_never_stop_the_job(tiny_model_dir, tmp_path):
     ok = df[df.status == "ok"].set_index("key")
     assert Image.open(io.BytesIO(ok.loc["ok-exif"].edited_png)).size == (scene(99).size[1], scene(99).size[0])
     assert Image.open(io.BytesIO(ok.loc["ok-1x1"].mask_png)).size == (1, 1)
+
+
+def test_actor_calls_in_flight_share_the_model_one_batch_at_a_time(tiny_model_dir):
+    """The job keeps two calls in flight per actor (threads): one batch's CPU work overlaps another's model work.
+    The model still sees one batch at a time, and each call returns the rows it returns alone."""
+    import threading
+    import time
+
+    import pyarrow as pa
+
+    from diffedit.pipelines.actor import CALLS_IN_FLIGHT, ActorOptions, EditActor, ExpandOptions, expand_sample
+    from diffedit.pipelines.prompts import PromptSpec
+
+    assert CALLS_IN_FLIGHT == 2
+    actor = EditActor(ActorOptions(model=str(tiny_model_dir), device="cpu", dtype="fp32", edit=dict(FAST)))
+    options = ExpandOptions(PromptSpec.from_dict({"rules": [{"from": "red", "to": "blue"}]}), "txt", seed=0)
+
+    def batch(first: int) -> pa.Table:
+        rows = []
+        for i in range(first, first + 2):
+            sample = {"__key__": f"k{i}", "__url__": "x.tar", "png": png(scene(i)), "txt": b"a red circle"}
+            rows += expand_sample(sample, options, frozenset())
+        return pa.Table.from_pylist(rows)
+
+    inside, most = [0], [0]
+    predict = actor.model.predict
+
+    def watched(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.02)  # widen the window in which an unguarded second call would enter
+            return predict(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    actor.model.predict = watched
+    alone = [actor(batch(0)).to_pylist(), actor(batch(2)).to_pylist()]
+    together = [None, None]
+    threads = [threading.Thread(target=lambda j=j: together.__setitem__(j, actor(batch(2 * j)).to_pylist()))
+               for j in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    for a, b in zip(alone, together):
+        assert [r["status"] for r in a] == [r["status"] for r in b] == ["ok", "ok"]
+        assert [(r["edit_id"], r["edited_png"], r["mask_png"]) for r in a] == [(r["edit_id"], r["edited_png"], r["mask_png"]) for r in b]
