@@ -10,13 +10,15 @@ ViT-L/14 text encoder) with random weights and times, in one run:
 For each: edits/s, FLOPs per edit (torch.utils.flop_counter), share of the FLOP floor (FLOPs over the
 measured fp16 matmul rate), peak GPU memory, compile time.
 
-    bash bench/on_gpu.sh python3 bench/bench_gpu.py --out $OUT --compile --skip-eager --our-sizes 32 --profile
+    WHEELS=.whl-bench bash bench/on_gpu.sh python3 bench/bench_gpu.py --out $OUT --compile --skip-eager \
+        --our-sizes 32 --compiled-variants per-row,shared,vae,qkv
     python bench/bench_gpu.py --tiny --out /tmp/b --diffusers-sizes 1,2 --our-sizes 2    # a smoke run on CPU
 
-With ``--compile``, the compiled engine is timed under each of ``--compiled-variants`` in turn, cumulatively
-(default: the UNet compiled, then the VAE too; also cuDNN's conv autotuning and cuDNN's attention kernel);
-``--profile`` then breaks one (b) call down by phase and by GPU kernel family. docs/BENCHMARKS.md's table came
-from the first line with ``--compiled-variants compiled,cudnn-bench,cudnn-attention`` (464 s on one H200).
+With ``--compile``, the engine is compiled (the UNet: ``DiffEditModel.compile(vae=False)``) and (b) is timed after
+each of ``--compiled-variants`` in turn, applied cumulatively (default: the UNet's prompt-independent first layers
+per row, then shared as the engine does, then the VAE compiled too, which is the engine's ``compile()``); (d)
+after the last one only, unless ``--paper-variants all``. ``--profile`` then breaks one (b) call down by phase and
+by GPU kernel family. docs/BENCHMARKS.md's table came from the first line (516 s on one H200).
 """
 
 from __future__ import annotations
@@ -193,11 +195,13 @@ def phase_profile(model, fn, device) -> dict:
                 top_kernels=kernels["top_kernels"])
 
 
-VARIANTS = {  # cumulative: each adds to the ones before it on the command line
-    "compiled": "torch.compile'd UNet (DiffEditModel.compile)",
+VARIANTS = {  # applied one after the other: each adds to (or, for per-row/shared, switches) the ones before it
+    "per-row": "the UNet's prompt-independent first layers run for every row (DiffEditModel.share_prefix = False)",
+    "shared": "those layers run once per latent of a multi-prompt batch (share_prefix = True, the engine's default)",
+    "vae": "the VAE's encoder and decoder compiled too (DiffEditModel.compile()'s default)",
+    "qkv": "diffusers' fuse_qkv_projections(): one matmul for q, k, v (k, v in cross-attention); recompiles",
     "cudnn-bench": "torch.backends.cudnn.benchmark = True (cuDNN times its conv algorithms per shape)",
     "cudnn-attention": "the UNet's attention on cuDNN's fused kernel (DiffEditModel.attention = 'cudnn'); recompiles",
-    "vae": "the VAE's encoder and decoder compiled too (DiffEditModel.compile(vae=True))",
 }
 
 
@@ -205,15 +209,28 @@ def apply_variant(model: DiffEditModel, variant: str, device) -> None:
     """Switch the compiled engine to ``variant``, on top of the ones applied before it."""
     if variant not in VARIANTS:
         raise SystemExit(f"Unknown compiled variant {variant!r}; choose from {', '.join(VARIANTS)}.")
-    if variant == "cudnn-bench":
+    if variant in ("per-row", "shared"):
+        model.share_prefix = variant == "shared"  # the hooks' copy count is guarded: new graphs, no reset needed
+    elif variant == "cudnn-bench":
         torch.backends.cudnn.benchmark = True
     elif variant == "vae":
-        model.compile(vae=True)  # the UNet keeps its graphs
+        model.compile()  # the VAE too (the engine's default); the UNet keeps its graphs
+    elif variant == "qkv":
+        model.unet.fuse_qkv_projections()
+        torch._dynamo.reset()  # new modules and attention processors: trace again
     elif variant == "cudnn-attention":
         if device.type != "cuda":
             raise SystemExit("cudnn-attention needs a CUDA device.")
         model.attention = "cudnn"
         torch._dynamo.reset()  # the attention kernel is chosen when the UNet is traced: compile again
+
+
+def variant_label(applied: list[str]) -> str:
+    """The engine's state after ``applied``: 'compiled', then what differs from the engine's compiled default."""
+    state = [v for v in applied if v not in ("per-row", "shared")]
+    if applied and [v for v in applied if v in ("per-row", "shared")][-1:] == ["per-row"]:
+        state.insert(0, "prefix per row")
+    return ", ".join(["compiled"] + state)
 
 
 def main(argv=None):
@@ -225,9 +242,11 @@ def main(argv=None):
     p.add_argument("--our-sizes", default="8,16,32")
     p.add_argument("--max-batch", type=int, default=64, help="our UNet micro-batch cap (bounds peak memory)")
     p.add_argument("--compile", action="store_true", help="also time our engine compiled (DiffEditModel.compile)")
-    p.add_argument("--compiled-variants", default="compiled,vae",
-                   help="compiled variants, applied one after the other (cumulative): " + "; ".join(
+    p.add_argument("--compiled-variants", default="per-row,shared,vae",
+                   help="after compiling, variants applied one after the other (cumulative), each timed: " + "; ".join(
                        f"{k}: {v}" for k, v in VARIANTS.items()))
+    p.add_argument("--paper-variants", default="last", choices=["last", "all"],
+                   help="time (d) after the last compiled variant only (default; saves its compiles) or after each")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--skip-eager", action="store_true", help="time our engine compiled only (at the largest of --our-sizes)")
     p.add_argument("--profile", action="store_true",
@@ -269,8 +288,13 @@ def main(argv=None):
         write_table(args.out, env, rows, echo=False)
 
     with torch.no_grad():
-        flops_ours = count_flops(lambda: run_ours(model, x_all[:1], same_work, args.max_batch))
-        flops_paper = count_flops(lambda: run_ours(model, x_all[:1], paper, args.max_batch))
+        flops = {}  # (config name, prefix shared): FLOPs of one edit; sharing the prefix does less work
+        for share in (True, False):
+            model.share_prefix = share
+            for config, key in ((same_work, "b"), (paper, "d")):
+                flops[key, share] = count_flops(lambda: run_ours(model, x_all[:1], config, args.max_batch))
+        model.share_prefix = True
+        print(json.dumps({f"tflop_per_edit_{k}_{'shared' if sh else 'per_row'}": v / 1e12 for (k, sh), v in flops.items()}))
         if not args.skip_diffusers:
             pipe = diffusers_pipe(model)
             flops_diff = count_flops(lambda: run_diffusers(pipe, pil[:1]))
@@ -278,29 +302,33 @@ def main(argv=None):
                 peak_reset(device)
                 first, steady = timed(device, lambda: run_diffusers(pipe, pil[:n]), repeats=2 if n == 1 else 1)
                 record("(a) diffusers DiffEdit pipeline", n, first, steady, flops_diff, peak_gib(device))
-        for config, name, flops in ((same_work, "(b) ours, same work", flops_ours), (paper, "(d) ours, paper defaults", flops_paper)):
+        ours = ((same_work, "(b) ours, same work", "b"), (paper, "(d) ours, paper defaults", "d"))
+        for config, name, key in ours:
             for n in [] if args.skip_eager else [int(s) for s in args.our_sizes.split(",")]:
                 peak_reset(device)
                 first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
-                record(name, n, first, steady, flops, peak_gib(device))
+                record(name, n, first, steady, flops[key, True], peak_gib(device))
         if args.compile:
-            model.compile()  # the engine's own path (DiffEditModel.compile: the UNet, static shapes)
+            model.compile(vae=False)  # the engine's own path (DiffEditModel.compile, static shapes); the VAE: variant 'vae'
             n = max(int(s) for s in args.our_sizes.split(","))
+            variants = args.compiled_variants.split(",") if args.compiled_variants else []
             applied = []
-            for variant in args.compiled_variants.split(","):
-                apply_variant(model, variant, device)
-                applied.append(variant)
-                label = ", ".join(applied)
-                for config, name, flops in ((same_work, "(b) ours, same work", flops_ours),
-                                            (paper, "(d) ours, paper defaults", flops_paper)):
+            for i, variant in enumerate(variants or [None]):
+                if variant:
+                    apply_variant(model, variant, device)
+                    applied.append(variant)
+                last = i == len(variants) - 1 or not variants
+                for config, name, key in ours if last or args.paper_variants == "all" else ours[:1]:
                     peak_reset(device)
                     first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
                     extra = first - steady  # compilation (or cuDNN's autotuning) on the first call
-                    record(f"{name}, {label}", n, first, steady, flops, peak_gib(device), compile_s=extra if extra > 1 else None)
+                    record(f"{name}, {variant_label(applied)}", n, first, steady, flops[key, model.share_prefix],
+                           peak_gib(device), compile_s=extra if extra > 1 else None)
         if args.profile and device.type == "cuda":
             n = max(int(s) for s in args.our_sizes.split(","))
             prof = phase_profile(model, lambda: run_ours(model, x_all[:n], same_work, args.max_batch), device)
-            prof.update(variant="(b) ours, same work" + (f", {label}" if args.compile else ""), images_per_call=n)
+            prof.update(variant="(b) ours, same work" + (f", {variant_label(applied)}" if args.compile else ""),
+                        images_per_call=n)
             print(json.dumps(prof), flush=True)
             (args.out / "bench_gpu_profile.json").write_text(json.dumps(prof, indent=1))
     write_table(args.out, env, rows)
