@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run a benchmark on a GPU machine with no internet (the device tool's): install what it lacks from the folder of
 # `bash ../shared/gpu/make-wheels.sh` ($WHEELS, default .whl: every wheel there, and Ray from ray-slim.tar.xz when
-# present; a folder holding only diffusers' wheel is enough for bench_gpu.py) and make the repository importable as
+# present; add braceexpand's wheel for webdataset: `pip download --no-deps -d .whl braceexpand`; a folder holding
+# only diffusers' wheel is enough for bench_gpu.py) and make the repository importable as
 # the `diffedit` package (the repository root is the package), then run the command.
 #
 #   bash bench/on_gpu.sh python3 bench/bench_gpu.py --out $OUT --compile
