@@ -21,7 +21,7 @@ from .inputs import open_image, sample_from_row
 from .prompts import PromptSpec
 
 
-CALLS_IN_FLIGHT = 2  # EditActor calls running at once per actor (threads): one on the device, one on the CPU
+CALLS_IN_FLIGHT = 2  # EditActor calls at once per GPU actor (threads): one on the GPU, one on the CPU
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,9 @@ def encode_image(image: Image.Image, fmt: str) -> bytes:
 class EditActor:
     """``map_batches`` callable: pending rows -> edited rows; other rows pass through.
 
-    The job runs it with two calls in flight (``CALLS_IN_FLIGHT``, threads): the model runs one batch at a time,
-    under ``self._device``, while the other call decodes its inputs or encodes its outputs (PIL releases the GIL
-    there), so the device does not wait for the CPU between batches.
+    On GPUs the job runs it with two calls in flight (``CALLS_IN_FLIGHT``, threads): the model runs one batch at a
+    time, under ``self._device``, while the other call decodes its inputs or encodes its outputs (PIL releases the
+    GIL there), so the GPU does not wait for the CPU between batches.
     """
 
     def __init__(self, options: ActorOptions):

@@ -52,6 +52,7 @@ class JobOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int | None = 64  # UNet micro-batch cap: bounds GPU memory (docs/BENCHMARKS.md)
     compile: bool = False
+    calls_in_flight: int | None = None  # EditActor calls at once per actor; None: 2 on GPUs (CALLS_IN_FLIGHT), 1 on CPU
     scores: bool = True  # CLIP / LPIPS / region scores in every ok row (stages/scores.py)
     clip_model: str | None = None
     clip_weights: str | None = None
@@ -185,6 +186,9 @@ def run_job(o: JobOptions, log=print) -> dict:
             pad_batches_to=o.batch_size * k if o.compile else None, scores=score_options, seed=o.seed,
             samples_per_edit=k,
         )
+        calls = o.calls_in_flight or (CALLS_IN_FLIGHT if gpus else 1)
+        if calls < 1:
+            raise ValueError(f"`calls_in_flight` must be at least 1 but is {calls}.")
         expand_options = ExpandOptions(spec, o.caption_field, o.seed, k)
         committed_ref = ray.put(committed)
 
@@ -196,10 +200,10 @@ def run_job(o: JobOptions, log=print) -> dict:
             ds = ds.limit(o.limit)
         ds = ds.flat_map(expand).map_batches(
             EditActor, fn_constructor_args=(actor_options,), batch_size=o.batch_size, batch_format="pyarrow",
-            # Two calls per actor at once: one batch's CPU work (image decode, PNG encode) overlaps another's
-            # device work; EditActor runs the model one batch at a time.
-            compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=CALLS_IN_FLIGHT,
-                                               enable_true_multi_threading=True),
+            # On GPUs, two calls per actor at once: one batch's CPU work (image decode, PNG encode) overlaps another's
+            # GPU work; EditActor runs the model one batch at a time. On CPU there is no separate device to overlap.
+            compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
+                                               enable_true_multi_threading=calls > 1),
             **resources,
         )
         log(f"editing with {actors} actor(s) ({'GPU x %g each' % o.gpus_per_actor if gpus else 'CPU'}), "

@@ -105,6 +105,24 @@ def test_batch_size_does_not_change_results(first, shards, tiny_model_dir, tmp_p
         assert np.abs(x - y).max() <= 1  # float rounding at an 8-bit boundary at most
 
 
+def test_two_calls_in_flight_give_the_same_rows(first, shards, tiny_model_dir, tmp_path):
+    """The GPU setting (two EditActor calls at once per actor, in threads), run here on CPU: the same rows.
+    Three shards are three blocks, so two tasks can be in the actor at once."""
+    out, _ = first
+    other = tmp_path / "threads"
+    job(shards, other, model=str(tiny_model_dir), calls_in_flight=2)
+    a = read(out).set_index("edit_id")
+    b = read(other).set_index("edit_id")
+    assert len(b) == len(a) and (b.status == "ok").sum() == 42
+    for eid, row in b.iterrows():
+        assert row.status == a.loc[eid].status
+        if row.status == "ok":
+            assert row.mask_png == a.loc[eid].mask_png
+            x = np.asarray(Image.open(io.BytesIO(row.edited_png)), dtype=int)
+            y = np.asarray(Image.open(io.BytesIO(a.loc[eid].edited_png)), dtype=int)
+            assert np.abs(x - y).max() <= 1
+
+
 def test_rerun_skips_committed_rows_and_changed_parameters_are_refused(first, shards, tiny_model_dir):
     out, _ = first
     parts = {p: p.stat().st_mtime_ns for p in (Path(out) / "manifest").glob("part-*.parquet")}
