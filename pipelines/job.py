@@ -186,7 +186,7 @@ def run_job(o: JobOptions, log=print) -> dict:
             pad_batches_to=o.batch_size * k if o.compile else None, scores=score_options, seed=o.seed,
             samples_per_edit=k,
         )
-        calls = o.calls_in_flight or (CALLS_IN_FLIGHT if gpus else 1)
+        calls = o.calls_in_flight if o.calls_in_flight is not None else CALLS_IN_FLIGHT if gpus else 1
         if calls < 1:
             raise ValueError(f"`calls_in_flight` must be at least 1 but is {calls}.")
         expand_options = ExpandOptions(spec, o.caption_field, o.seed, k)

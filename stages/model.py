@@ -107,7 +107,7 @@ class DiffEditModel:
     share_prefix: bool = True
     _fingerprint: str | None = None
     _compiled: set = field(default_factory=set)  # the parts compile() has compiled
-    _prefix: PromptFreePrefix | None = None
+    _prefix: PromptFreePrefix = field(init=False, repr=False)
 
     def __post_init__(self):
         self._prefix = PromptFreePrefix(self.unet)  # hooks, no-ops outside predict(); empty for an unknown UNet

@@ -63,10 +63,9 @@ class PromptFreePrefix:
     def __init__(self, unet: torch.nn.Module):
         self.modules = prompt_free_modules(unet)
         self._copies = 1  # read by the hooks; torch.compile guards on it, so each value gets its own graph
-        self._handles = []
         for module in self.modules:
-            self._handles.append(module.register_forward_pre_hook(self._slice, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._repeat))
+            module.register_forward_pre_hook(self._slice, with_kwargs=True)
+            module.register_forward_hook(self._repeat)
 
     def __bool__(self) -> bool:
         return bool(self.modules)
@@ -81,11 +80,6 @@ class PromptFreePrefix:
             yield self
         finally:
             self._copies = previous
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles, self.modules = [], []
 
     def _slice(self, module, args, kwargs):
         k = self._copies
