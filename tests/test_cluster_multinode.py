@@ -32,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS, PER_SHARD = 4, 6  # 24 samples, one edit each ("red" -> "blue")
-TAG = "@@cluster@@ "  # the harness's replies on stdout; everything else there is Ray's chatter
+TAG = "@@cluster@@ "  # marks the harness's replies on its private channel (see `harness`)
 
 pytestmark = pytest.mark.skipif(
     not (ROOT / "pipelines" / "cli.py").exists(), reason="pipelines/cli.py (the job) does not exist yet"
@@ -46,6 +46,13 @@ pytestmark = pytest.mark.skipif(
 def harness() -> None:
     """Start a head (2 CPUs, no GPU) and two workers (2 CPUs, 1 GPU each); then answer commands from stdin,
     one JSON line each: `state`, `remove I`, `add`, `quit` (or end of input)."""
+    # Replies go out on a private copy of stdout; fd 1 itself, which the raylets, GCS and workers this
+    # process starts inherit, now points at stderr (discarded by the test). Sharing fd 1 with them let their
+    # output land in the middle of a reply line, and the reader could not parse it (seen on CI).
+    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)  # os.dup: not inherited by children
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
     import ray
     import ray._private.state as ray_state
     import ray._private.utils
@@ -60,7 +67,7 @@ def harness() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
 
     def reply(obj):
-        print(TAG + json.dumps(obj), flush=True)
+        channel.write(TAG + json.dumps(obj) + "\n")
 
     reply({"address": cluster.address, "head": cluster.head_node.node_id, "workers": [w.node_id for w in workers]})
     try:
@@ -123,7 +130,10 @@ class ClusterHandle:
     def _read(self):
         for line in self.proc.stdout:
             if line.startswith(TAG):
-                self.replies.put(json.loads(line[len(TAG):]))
+                try:
+                    self.replies.put(json.loads(line[len(TAG):]))
+                except json.JSONDecodeError as e:  # fail the waiting test with the line, not with a timeout
+                    self.replies.put({"malformed": f"{e}: {line[:300]!r}"})
         self.replies.put(None)
 
     def _reply(self, timeout=60):
@@ -132,6 +142,7 @@ class ClusterHandle:
         except queue.Empty:
             raise AssertionError(f"the cluster harness gave no answer in {timeout} s") from None
         assert reply is not None, f"the cluster harness exited (code {self.proc.poll()})"
+        assert "malformed" not in reply, f"the cluster harness sent a line that is not JSON: {reply['malformed']}"
         return reply
 
     def ask(self, command: str, timeout=60):
