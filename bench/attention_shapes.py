@@ -1,27 +1,36 @@
-"""How fast is SD 1.5's attention, shape by shape, per SDPA kernel? And what does its head size of 40 cost?
+"""How fast is SD 1.5's attention, shape by shape, per kernel? And what does its head size of 40 cost?
 
-    bash bench/on_gpu.sh python3 bench/attention_shapes.py --out $OUT [--batch 64] [--backends flash,cudnn,efficient]
+    bash bench/on_gpu.sh python3 bench/attention_shapes.py --out $OUT [--batch 64] [--dtype fp16]
+        [--backends flash,cudnn,efficient,triton]
 
 The profile of docs/BENCHMARKS.md puts a quarter of an edit's GPU time in attention, at a third of the matmul
-rate. This times ``scaled_dot_product_attention`` alone at the UNet's self-attention shapes (8 heads; 4096
-tokens of head size 40 on the 64 x 64 latent grid, 1024 of 80, 256 and 64 of 160) and at the same shapes with
-the head size padded to the next size the kernels are built for (64, 128, 192): equal times mean the kernel
-already pays for the padding. Rates count the useful work only, 4 x tokens^2 x head size FLOPs per head
-(QK^T and PV). Seconds-long; prints a table and writes attention_shapes.json under --out.
+rate. This times each kernel alone at the UNet's attention shapes (8 heads; self-attention over 4096 tokens of
+head size 40 on the 64 x 64 latent grid, 1024 of 80, 256 and 64 of 160; cross-attention to 77 text tokens at
+each size), with q, k and v laid out as diffusers' processors make them ((B, L, H x D) viewed as (B, H, L, D)).
+SDPA's kernels also run at the head size padded to the next size they are built for (64, 128, 192): equal times
+mean the kernel already pays for the padding. ``triton`` is diffedit's kernel (stages/attention.py), which covers
+a head with two power-of-two chunks (40 = 32 + 16); Triton autotunes it at its first call of each shape, before
+the timing. Rates count the useful work only, 4 x queries x keys x head size FLOPs per head (QK^T and PV). Each
+kernel's largest error against float32 attention is reported at the true head size. Seconds-long; prints a
+table and writes attention_shapes.json under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
-# (latent grid, tokens, head size) of SD 1.5's self-attention layers; 8 heads each (attention_head_dim 8).
-SHAPES = [("64x64", 4096, 40), ("32x32", 1024, 80), ("16x16", 256, 160), ("8x8", 64, 160)]
+# (layer, queries, keys, head size) of SD 1.5's attention layers; 8 heads each (attention_head_dim 8).
+SHAPES = [("self 64x64", 4096, 4096, 40), ("self 32x32", 1024, 1024, 80), ("self 16x16", 256, 256, 160),
+          ("self 8x8", 64, 64, 160), ("cross 64x64", 4096, 77, 40), ("cross 32x32", 1024, 77, 80),
+          ("cross 16x16", 256, 77, 160)]
 HEADS = 8
 PADDED = {40: 64, 80: 128, 160: 192}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -39,30 +48,54 @@ def time_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def projections(batch: int, queries: int, keys: int, size: int, dtype, generator):
+    """q, k, v as diffusers' AttnProcessor2_0 passes them to SDPA: (B, L, H x D) projections viewed as (B, H, L, D)."""
+    dev = torch.device("cuda")
+    q = torch.randn(batch, queries, HEADS * size, device=dev, dtype=dtype, generator=generator)
+    k, v = (torch.randn(batch, keys, HEADS * size, device=dev, dtype=dtype, generator=generator) for _ in range(2))
+    return [x.unflatten(-1, (HEADS, size)).transpose(1, 2) for x in (q, k, v)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch", type=int, default=64, help="images per call (the engine's UNet batch)")
-    p.add_argument("--backends", default="flash,cudnn,efficient")
+    p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
+    p.add_argument("--backends", default="flash,cudnn,efficient,triton")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+    from diffedit.stages.attention import attention, head_chunks
     from diffedit.stages.model import ATTENTION_BACKENDS
 
-    dev, dt = torch.device("cuda"), torch.float16
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator("cuda").manual_seed(0)
     rows = []
-    for grid, tokens, head in SHAPES:
-        for size in (head, PADDED[head]):
-            q, k, v = (torch.randn(args.batch, HEADS, tokens, size, device=dev, dtype=dt) for _ in range(3))
-            useful = 4 * args.batch * HEADS * tokens**2 * head  # FLOPs of the unpadded attention
-            for backend in args.backends.split(","):
-                row = dict(grid=grid, tokens=tokens, head_size=head, run_at=size, backend=backend)
+    for layer, queries, keys, head in SHAPES:
+        q, k, v = projections(args.batch, queries, keys, head, dtype, gen)
+        # The reference: float32 attention on the first 4 images (enough to see a kernel's rounding).
+        ref = sdpa(*(x[:4].float() for x in (q, k, v)))
+        useful = 4 * args.batch * HEADS * queries * keys * head  # FLOPs of the unpadded attention
+        for backend in args.backends.split(","):
+            sizes = [head] if backend == "triton" else [head, PADDED[head]]
+            for size in sizes:
+                run_at = "+".join(str(c) for c in head_chunks(head) if c) if backend == "triton" else str(size)
+                row = dict(layer=layer, queries=queries, keys=keys, head_size=head, run_at=run_at, backend=backend)
+                qs, ks, vs = (q, k, v) if size == head else projections(args.batch, queries, keys, size, dtype, gen)
                 try:
-                    with sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend])):
-                        ms = time_ms(lambda: sdpa(q, k, v), args.repeats)
+                    if backend == "triton":
+                        call = lambda: attention(qs, ks, vs)  # noqa: E731
+                        kernel = contextlib.nullcontext()  # not SDPA
+                    else:
+                        call = lambda: sdpa(qs, ks, vs)  # noqa: E731
+                        kernel = sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend]))
+                    with kernel:
+                        if size == head:
+                            row.update(max_error=(call()[:4].float() - ref).abs().max().item())
+                        ms = time_ms(call, args.repeats)
                     row.update(ms=ms, useful_tflops=useful / ms / 1e9)
                 except RuntimeError as exc:  # a backend that does not take this shape
                     row.update(error=str(exc).splitlines()[0][:160])
@@ -70,11 +103,14 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
     (args.out / "attention_shapes.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
                                                                     torch=torch.__version__, batch=args.batch,
-                                                                    rows=rows), indent=1))
-    print("\n| grid | tokens | head | run at | backend | ms | useful TFLOP/s |\n|---|---|---|---|---|---|---|")
+                                                                    dtype=args.dtype, rows=rows), indent=1))
+    print(f"\nbatch {args.batch}, {HEADS} heads, {args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("\n| layer | queries | keys | head | run at | backend | ms | useful TFLOP/s | max error |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        timing = f"{r['ms']:.2f} | {r['useful_tflops']:.0f}" if "ms" in r else f"- | {r['error']}"
-        print(f"| {r['grid']} | {r['tokens']} | {r['head_size']} | {r['run_at']} | {r['backend']} | {timing} |")
+        timing = f"{r['ms']:.3f} | {r['useful_tflops']:.0f}" if "ms" in r else f"- | {r['error']}"
+        err = f"{r['max_error']:.1e}" if "max_error" in r else "-"
+        print(f"| {r['layer']} | {r['queries']} | {r['keys']} | {r['head_size']} | {r['run_at']} | {r['backend']} | "
+              f"{timing} | {err} |")
 
 
 if __name__ == "__main__":

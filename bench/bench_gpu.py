@@ -202,6 +202,8 @@ VARIANTS = {  # applied one after the other: each adds to (or, for per-row/share
     "qkv": "diffusers' fuse_qkv_projections(): one matmul for q, k, v (k, v in cross-attention); recompiles",
     "cudnn-bench": "torch.backends.cudnn.benchmark = True (cuDNN times its conv algorithms per shape)",
     "cudnn-attention": "the UNet's attention on cuDNN's fused kernel (DiffEditModel.attention = 'cudnn'); recompiles",
+    "triton-attention": "the UNet's attention on diffedit's Triton kernel for head sizes 40/80/160 "
+                        "(DiffEditModel.attention = 'triton', stages/attention.py); recompiles, autotunes per shape",
 }
 
 
@@ -218,10 +220,10 @@ def apply_variant(model: DiffEditModel, variant: str, device) -> None:
     elif variant == "qkv":
         model.unet.fuse_qkv_projections()
         torch._dynamo.reset()  # new modules and attention processors: trace again
-    elif variant == "cudnn-attention":
+    elif variant in ("cudnn-attention", "triton-attention"):
         if device.type != "cuda":
-            raise SystemExit("cudnn-attention needs a CUDA device.")
-        model.attention = "cudnn"
+            raise SystemExit(f"{variant} needs a CUDA device.")
+        model.attention = variant.split("-")[0]
         torch._dynamo.reset()  # the attention kernel is chosen when the UNet is traced: compile again
 
 

@@ -1,0 +1,220 @@
+"""Attention for head sizes that are not a power of two (SD 1.5's 40, 80 and 160), in Triton.
+
+Stable Diffusion 1.5's UNet has 8 heads at every level, so its head size is 40 on the 64 x 64 latent grid, 80 and
+160 below it. PyTorch's flash and cuDNN kernels are built for head sizes 64, 96, 128, ...: they run 40 in tiles of
+64, so 37.5% of their tensor-core work at the largest grid is padding (docs/BENCHMARKS.md). This kernel covers a
+head of size D with two power-of-two chunks (tensor-core matmuls need power-of-two, >= 16 wide tiles): 40 = 32 +
+16 (8 of them padding), 80 = 64 + 16 and 160 = 128 + 32 (none). The algorithm is FlashAttention's forward pass
+(Dao et al., 2022, Algorithm 1; the rescaling of FlashAttention-2): for a block of queries, stream the keys and
+values block by block, keeping a running row maximum ``m``, a running sum ``l`` of ``exp(s - m)`` and the
+accumulated output, rescaled whenever ``m`` grows. The scores never reach memory.
+
+``attention(q, k, v)`` takes SDPA's layout (q_BHMD, k_BHND, v_BHND, any strides) and returns o_BHMD stored as
+o_BMHD, as PyTorch's flash kernel does, so the caller's transpose back to (B, M, H * D) is free. It is a
+``torch.library`` custom op, so ``torch.compile`` keeps it in its graph as one opaque call (no graph break).
+:class:`TritonAttnProcessor` puts it in a diffusers UNet. Forward only (inference), no attention mask, no dropout.
+
+Without a GPU, Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported) runs the same
+kernel on CPU tensors, slowly; the tests check it against PyTorch's attention that way.
+
+Shape legend: B batch, H heads, M queries, N keys, D head size; DA, DB the two chunks of D.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch without Triton: the processor refuses to be installed
+    triton = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def head_chunks(d: int) -> tuple[int, int]:
+    """(DA, DB): power-of-two chunks, each >= 16 (DB may be 0), that cover a head of size d with the least padding."""
+    if d < 1:
+        raise ValueError(f"The head size must be positive but is {d}.")
+    da = max(16, 1 << (d.bit_length() - 1))  # the largest power of two <= d, at least 16
+    rest = d - da
+    if rest <= 0:
+        return da, 0
+    db = max(16, 1 << (rest - 1).bit_length())  # the smallest power of two >= rest, at least 16
+    return (da, db) if da + db < 2 * da else (2 * da, 0)  # one chunk when two would pad as much
+
+
+def available() -> str | None:
+    """None if the kernel can run here, else why not."""
+    if triton is None:
+        return "Triton is not installed (it comes with PyTorch's CUDA wheels on Linux)"
+    if not (torch.cuda.is_available() or INTERPRETED):
+        return "Triton needs a CUDA device (or TRITON_INTERPRET=1, its slow CPU interpreter)"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+        """ptr[rows, cols], zeros outside (n_rows, n_cols); the masks exist only where a tile can run past its edge."""
+        ptrs = ptr + rows[:, None] * stride_r + cols[None, :] * stride_c
+        if MASK_ROWS and MASK_COLS:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        elif MASK_ROWS:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        elif MASK_COLS:
+            tile = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+        return tile
+
+    @triton.jit
+    def _flash_forward(
+        Q, K, V, O, qk_scale, H, M, N,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+        D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, ALIGN: tl.constexpr,
+    ):
+        """One program: BLOCK_M queries of one (batch, head), all N keys. qk_scale = softmax scale x log2(e).
+
+        ALIGN divides every stride but the head columns': at head size 40 a head starts 40 elements after the one
+        before it, which Triton cannot know is a multiple of 8, and without it it neither vectorises the loads
+        nor pipelines them (seen in the compiled kernel for sm_90).
+        """
+        pid_m = tl.program_id(0)
+        b = (tl.program_id(1) // H).to(tl.int64)
+        h = (tl.program_id(1) % H).to(tl.int64)
+        q_ptr = Q + tl.multiple_of(b * sqb + h * sqh, ALIGN)
+        k_ptr = K + tl.multiple_of(b * skb + h * skh, ALIGN)
+        v_ptr = V + tl.multiple_of(b * svb + h * svh, ALIGN)
+        o_ptr = O + tl.multiple_of(b * sob + h * soh, ALIGN)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols_a = tl.arange(0, DA)  # the head's columns, in two chunks; those >= D load as zeros, are never stored
+        MASK_A: tl.constexpr = D < DA
+        MASK_B: tl.constexpr = DA + DB > D
+
+        q_a = _load_tile(q_ptr, rows, cols_a, sqm, sqd, M, D, True, MASK_A)  # stays in registers
+        acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+        if DB > 0:
+            cols_b = DA + tl.arange(0, DB)
+            q_b = _load_tile(q_ptr, rows, cols_b, sqm, sqd, M, D, True, MASK_B)
+            acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row maximum of the scaled scores
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(scaled score - m_i)
+
+        for start in range(0, N, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            k_a = _load_tile(k_ptr, keys, cols_a, skn, skd, N, D, not EVEN_N, MASK_A)
+            s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+            if DB > 0:
+                k_b = _load_tile(k_ptr, keys, cols_b, skn, skd, N, D, not EVEN_N, MASK_B)
+                s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
+            if not EVEN_N:  # the last key block runs past N
+                s = tl.where(keys[None, :] < N, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])  # one multiply-add per score
+            alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            p = p.to(V.dtype.element_ty)
+            v_a = _load_tile(v_ptr, keys, cols_a, svn, svd, N, D, not EVEN_N, MASK_A)
+            acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PRECISION)
+            if DB > 0:
+                v_b = _load_tile(v_ptr, keys, cols_b, svn, svd, N, D, not EVEN_N, MASK_B)
+                acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PRECISION)
+
+        out_ty = O.dtype.element_ty
+        rows_ok = rows[:, None] < M
+        tl.store(o_ptr + rows[:, None] * som + cols_a[None, :] * sod, (acc_a / l_i[:, None]).to(out_ty),
+                 mask=rows_ok & (cols_a[None, :] < D))
+        if DB > 0:
+            tl.store(o_ptr + rows[:, None] * som + cols_b[None, :] * sod, (acc_b / l_i[:, None]).to(out_ty),
+                     mask=rows_ok & (cols_b[None, :] < D))
+
+    # Tried per (head size, queries, keys) at the first call of each shape; the interpreter takes the first alone.
+    CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+                             (64, 128, 4, 2), (128, 32, 4, 3)]
+    ]
+    _tuned = triton.autotune(CONFIGS, key=["D", "M", "N"])(
+        triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_flash_forward))
+
+    @torch.library.custom_op("diffedit::attention", mutates_args=())
+    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        B, H, M, D = q.shape
+        N = k.shape[2]
+        o = _empty_output(q)
+        da, db = head_chunks(D)
+        args = (q, k, v, o, scale * math.log2(math.e), H, M, N, *q.stride(), *k.stride(), *v.stride(), *o.stride())
+        align = math.gcd(16, *(s for x in (q, k, v, o) for s in x.stride()[:-1]))
+        consts = dict(D=D, DA=da, DB=db, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ALIGN=align)
+        if INTERPRETED:  # autotuning under the interpreter would run every config, slowly
+            bm, bn = CONFIGS[0].kwargs["BLOCK_M"], CONFIGS[0].kwargs["BLOCK_N"]
+            _flash_forward[(triton.cdiv(M, bm), B * H)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=N % bn == 0)
+        else:
+            _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](*args, **consts)
+        return o
+
+    @_attention.register_fake
+    def _(q, k, v, scale):
+        return _empty_output(q)
+
+
+def _empty_output(q_BHMD: torch.Tensor) -> torch.Tensor:
+    """o_BHMD stored as o_BMHD, as PyTorch's flash kernel returns it: the caller's transpose to (B, M, H x D) is free."""
+    B, H, M, D = q_BHMD.shape
+    return torch.empty((B, M, H, D), dtype=q_BHMD.dtype, device=q_BHMD.device).transpose(1, 2)
+
+
+def attention(q_BHMD: torch.Tensor, k_BHND: torch.Tensor, v_BHND: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T x scale) v, as ``F.scaled_dot_product_attention`` without mask or dropout; scale 1/sqrt(D) by default."""
+    reason = available()
+    if reason:
+        raise RuntimeError(f"diffedit's Triton attention cannot run here: {reason}.")
+    if q_BHMD.ndim != 4 or k_BHND.shape != v_BHND.shape or q_BHMD.shape[:2] != k_BHND.shape[:2] \
+            or q_BHMD.shape[3] != k_BHND.shape[3]:
+        raise ValueError(f"Expected q (B, H, M, D) and k, v (B, H, N, D) but got {tuple(q_BHMD.shape)}, "
+                         f"{tuple(k_BHND.shape)} and {tuple(v_BHND.shape)}.")
+    if not q_BHMD.dtype == k_BHND.dtype == v_BHND.dtype:
+        raise ValueError(f"q, k and v must share a dtype but are {q_BHMD.dtype}, {k_BHND.dtype} and {v_BHND.dtype}.")
+    return _attention(q_BHMD, k_BHND, v_BHND, 1 / math.sqrt(q_BHMD.shape[3]) if scale is None else float(scale))
+
+
+class TritonAttnProcessor:
+    """A diffusers attention processor that runs :func:`attention` instead of SDPA.
+
+    It computes what diffusers' ``AttnProcessor2_0`` computes for the attention layers of Stable Diffusion's
+    transformer blocks (3-D hidden states, no mask, no group or spatial norm, no q/k norm), and hands any other
+    layer or call to ``AttnProcessor2_0`` itself.
+    """
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        reason = available()
+        if reason:
+            raise RuntimeError(f"attention='triton' cannot run here: {reason}.")
+        self.fallback = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if (hidden_states.ndim != 3 or attention_mask is not None or args or kwargs or attn.spatial_norm is not None
+                or attn.group_norm is not None or attn.norm_q is not None or attn.norm_k is not None):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        B = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        heads = attn.heads
+        q_BHMD, k_BHND, v_BHND = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
+        out = attention(q_BHMD, k_BHND, v_BHND)  # the default scale, 1/sqrt(D), as AttnProcessor2_0's SDPA call
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(B, -1, out.shape[1] * out.shape[3])))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor

@@ -1,0 +1,192 @@
+"""stages/attention.py: the Triton attention kernel and its diffusers processor.
+
+There is no GPU here, so the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, which must be set before
+Triton is imported: each check runs in a child process). The interpreter executes the kernel's own code, block by
+block, with NumPy; only the GPU's speed is not checked here (bench/attention_shapes.py does that).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffedit.stages.attention import head_chunks
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (it ships with PyTorch's CUDA wheels)")
+
+
+def interpreted(code: str) -> dict:
+    """Run ``code`` under Triton's interpreter in a child process; it prints one JSON object, returned here."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_head_chunks():
+    # SD 1.5's head sizes: 40 = 32 + 16 (8 columns of padding, against 24 at the flash kernels' 64), 80, 160 exact.
+    assert head_chunks(40) == (32, 16) and head_chunks(80) == (64, 16) and head_chunks(160) == (128, 32)
+    assert head_chunks(64) == (64, 0) and head_chunks(96) == (64, 32) and head_chunks(8) == (16, 0)
+    assert head_chunks(120) == (128, 0)  # 64 + 64 pads as much as one chunk of 128
+    for d in range(1, 300):
+        da, db = head_chunks(d)
+        assert da + db >= d and da >= 16 and db in (0, *(2**i for i in range(4, 9)))
+    with pytest.raises(ValueError, match="head size must be positive"):
+        head_chunks(0)
+
+
+KERNEL_CHECK = """
+import json, torch
+import torch.nn.functional as F
+from diffedit.stages.attention import attention
+
+torch.manual_seed(0)
+errors = []
+# (head size, queries, keys, dtype): SD 1.5's sizes, a cross-attention's 77 keys, a key count that is not a
+# multiple of the key block, several query blocks, a power of two, and a head narrower than one chunk. No bfloat16:
+# the interpreter's tl.dot reads bfloat16 inputs wrongly (Triton 3.8); bench/attention_shapes.py checks it on a GPU.
+for d, m, n, dtype in [(40, 300, 300, torch.float16), (40, 200, 77, torch.float16), (80, 70, 129, torch.float32),
+                       (160, 40, 64, torch.float16), (64, 130, 40, torch.float32), (4, 17, 9, torch.float32)]:
+    b, h = 2, 3
+    x, c = torch.randn(b, m, h * d).to(dtype), torch.randn(b, n, h * d).to(dtype)
+    # As diffusers' processors make them: (B, L, H * D) projections viewed as (B, H, L, D), not contiguous.
+    q = x.unflatten(-1, (h, d)).transpose(1, 2)
+    k = c.unflatten(-1, (h, d)).transpose(1, 2)
+    v = (2 * c + 1).flip(1).unflatten(-1, (h, d)).transpose(1, 2)
+    out = attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    errors.append(dict(d=d, m=m, n=n, dtype=str(dtype), shape=list(out.shape), dtype_out=str(out.dtype),
+                       bmhd=out.transpose(1, 2).is_contiguous(), error=(out.float() - ref).abs().max().item()))
+print(json.dumps(errors))
+"""
+
+
+def test_kernel_matches_pytorch_attention():
+    """Against SDPA computed in float32: within the rounding of the output's dtype, for every head size and
+    key count, with diffusers' strided inputs; the output is laid out (B, M, H, D) as the flash kernel's."""
+    tolerance = {"torch.float32": 1e-5, "torch.float16": 2e-3}
+    for row in interpreted(KERNEL_CHECK):
+        assert row["shape"][2:] == [row["m"], row["d"]] and row["dtype_out"] == row["dtype"] and row["bmhd"], row
+        assert row["error"] < tolerance[row["dtype"]], row
+
+
+UNET_CHECK = """
+import json, torch
+from diffusers import UNet2DConditionModel
+from diffedit.stages.attention import TritonAttnProcessor
+
+torch.manual_seed(0)
+# SD 1.5's head sizes at a small scale: 2 heads of 40 channels, then of 80.
+unet = UNet2DConditionModel(sample_size=8, block_out_channels=(80, 160), layers_per_block=1, cross_attention_dim=32,
+                            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
+                            norm_num_groups=8).eval()
+x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 32)
+calls = []
+processor = TritonAttnProcessor()
+fallback = processor.fallback
+processor.fallback = lambda *a, **k: calls.append(1) or fallback(*a, **k)
+with torch.no_grad():
+    ref = unet(x, t, encoder_hidden_states=text).sample
+    defaults = unet.attn_processors
+    unet.set_attn_processor(processor)
+    out = unet(x, t, encoder_hidden_states=text).sample
+    unet.set_attn_processor(defaults)
+    back = unet(x, t, encoder_hidden_states=text).sample
+print(json.dumps(dict(error=(out - ref).abs().max().item(), scale=ref.abs().max().item(), fallbacks=len(calls),
+                      restored=bool(torch.equal(back, ref)))))
+"""
+
+
+def test_processor_gives_the_unets_output():
+    """A UNet with SD 1.5's head sizes (40, 80), float32: the Triton processor's output is the default one's, every
+    attention layer ran the kernel (no fallback), and the default processors put back give the same output again."""
+    row = interpreted(UNET_CHECK)
+    assert row["fallbacks"] == 0 and row["restored"], row
+    assert row["error"] < 1e-5 * max(1.0, row["scale"]), row
+
+
+ENGINE_CHECK = """
+import json, sys, torch
+from diffedit.stages.config import EditConfig
+from diffedit.stages.editor import edit_batch
+from diffedit.stages.model import load_model
+from diffedit.stages.randomness import edit_seed
+
+model = load_model(sys.argv[1], device="cpu", dtype="fp32")
+images = torch.rand(2, 3, model.resolution, model.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
+seeds = [edit_seed(0, f"k{i}", 0) for i in range(2)]
+config = EditConfig.from_flat(steps=6, mask_samples=2)
+run = lambda: edit_batch(model, images, ["a red circle"] * 2, ["a blue circle"] * 2, seeds, config)
+ref = run()
+model.attention = "triton"
+out = run()
+swapped = type(next(iter(model.unet.attn_processors.values()))).__name__
+model.attention = None
+back = run()
+print(json.dumps(dict(swapped=swapped, mask_equal=bool(torch.equal(out.mask_Bhw, ref.mask_Bhw)),
+                      error=(out.edited_BCHW - ref.edited_BCHW).abs().max().item(),
+                      restored=bool(torch.equal(back.edited_BCHW, ref.edited_BCHW)),
+                      processor_after=type(next(iter(model.unet.attn_processors.values()))).__name__)))
+"""
+
+
+def test_engine_with_triton_attention(tiny_model_dir):
+    """DiffEditModel.attention = 'triton' edits as the default attention does (mask, encoding, decoding, float32),
+    and setting it back puts the UNet's own processors back."""
+    row = interpreted(ENGINE_CHECK.replace("sys.argv[1]", repr(str(tiny_model_dir))))
+    assert row["swapped"] == "TritonAttnProcessor" and row["processor_after"] != "TritonAttnProcessor", row
+    assert row["mask_equal"] and row["restored"] and row["error"] < 1e-4, row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA device exists")
+def test_triton_attention_without_a_gpu_is_refused_clearly(tiny_model):
+    from diffedit.stages.attention import INTERPRETED
+
+    if INTERPRETED:
+        pytest.skip("this process runs Triton's interpreter, where the kernel can run on CPU")
+    tiny_model.attention = "triton"
+    try:
+        with pytest.raises(RuntimeError, match="attention='triton' cannot run here: Triton needs a CUDA device"):
+            tiny_model.predict(torch.zeros(1, 4, 8, 8), 10, tiny_model.encode_text(["a"]))
+    finally:
+        tiny_model.attention = None
+    assert type(next(iter(tiny_model.unet.attn_processors.values()))).__name__ != "TritonAttnProcessor"
+
+
+def test_kernel_compiles_for_hopper_with_tensor_cores_and_pipelined_loads():
+    """Compiled ahead of time for sm_90 (Triton's own compiler and ptxas; no GPU needed) at SD 1.5's head sizes,
+    with the integer arguments specialised as Triton specialises them at run time: the matmuls are Hopper's
+    `wgmma` and the key/value loads are asynchronous copies, pipelined across key blocks. A head size of 40
+    loses both unless the kernel is told that heads start at multiples of 8 elements (ALIGN)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from diffedit.stages.attention import CONFIGS, _flash_forward
+
+    names = _flash_forward.arg_names
+    unit_strides = ("sqd", "skd", "svd", "sod")  # the head columns are contiguous: Triton specialises a 1
+    constexprs = {n for n in names if n.isupper() and len(n) > 1} | set(unit_strides)
+    for d in (40, 80, 160):
+        da, db = head_chunks(d)
+        config = CONFIGS[1]  # BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages
+        signature = {n: "constexpr" if n in constexprs else "*fp16" if n in "QKVO" else "fp32" if n == "qk_scale"
+                     else "i32" for n in names}
+        values = dict(D=d, DA=da, DB=db, PRECISION="tf32", EVEN_N=True, ALIGN=math.gcd(16, d), **config.kwargs,
+                      **dict.fromkeys(unit_strides, 1))
+        # Diffusers' layout (B, L, 8 x d): every stride but the head's (d) is a multiple of 16, as are the pointers.
+        multiples_of_16 = {"Q", "K", "V", "O", "sqb", "sqm", "skb", "skn", "svb", "svn", "sob", "som"}
+        if d % 16 == 0:
+            multiples_of_16 |= {"sqh", "skh", "svh", "soh"}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in multiples_of_16}
+        kernel = triton.compile(ASTSource(_flash_forward, signature, constexprs=values, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 64),
+                                options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+        assert "wgmma.mma_async" in ptx, f"head size {d}: no wgmma in the sm_90 kernel"
+        assert ttgir.count("async_copy_global_to_local") >= 4, f"head size {d}: key/value loads are not pipelined"
+        assert kernel.asm["cubin"], f"head size {d}: ptxas gave no cubin"
