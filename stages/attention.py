@@ -85,6 +85,13 @@ if triton is not None:
         ALIGN divides every stride but the head columns': at head size 40 a head starts 40 elements after the one
         before it, which Triton cannot know is a multiple of 8, and without it it neither vectorises the loads
         nor pipelines them (seen in the compiled kernel for sm_90).
+
+        Per score the softmax costs a multiply-add, a maximum and an exponential; the exponentials run on the
+        special-function unit, 16 per clock and SM on Hopper against 4096 matmul FLOPs, so at head size 40 (160
+        useful FLOPs per score) they take about as long as the matmuls. When the head leaves padding columns in
+        its second chunk (40 = 32 + 16), V's first padding column is loaded as ones, so the P V matmul also sums
+        each row of P: no separate addition per score. (Exponentials in half precision, two per PTX instruction,
+        do not help on sm_90: ptxas splits `ex2.approx.f16x2` into two `MUFU.EX2.F16`.)
         """
         pid_m = tl.program_id(0)
         b = (tl.program_id(1) // H).to(tl.int64)
@@ -97,6 +104,7 @@ if triton is not None:
         cols_a = tl.arange(0, DA)  # the head's columns, in two chunks; those >= D load as zeros, are never stored
         MASK_A: tl.constexpr = D < DA
         MASK_B: tl.constexpr = DA + DB > D
+        ONES: tl.constexpr = DB > 0 and DA + DB > D  # a padding column of V to sum P's rows in the matmul
 
         q_a = _load_tile(q_ptr, rows, cols_a, sqm, sqd, M, D, True, MASK_A)  # stays in registers
         acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
@@ -117,19 +125,24 @@ if triton is not None:
             if not EVEN_N:  # the last key block runs past N
                 s = tl.where(keys[None, :] < N, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.exp2(s * qk_scale - m_new[:, None])  # one multiply-add per score
             alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            p = tl.exp2(s * qk_scale - m_new[:, None])  # one multiply-add per score
+            if not ONES:
+                l_i = l_i * alpha + tl.sum(p, 1)
             p = p.to(V.dtype.element_ty)
+            m_i = m_new
             v_a = _load_tile(v_ptr, keys, cols_a, svn, svd, N, D, not EVEN_N, MASK_A)
             acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PRECISION)
             if DB > 0:
                 v_b = _load_tile(v_ptr, keys, cols_b, svn, svd, N, D, not EVEN_N, MASK_B)
+                if ONES:
+                    v_b += (cols_b[None, :] == D).to(v_b.dtype)  # loaded as 0 there; P's row sums land in column D
                 acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PRECISION)
 
         out_ty = O.dtype.element_ty
         rows_ok = rows[:, None] < M
+        if ONES:
+            l_i = tl.sum(tl.where(cols_b[None, :] == D, acc_b, 0.0), 1)
         tl.store(o_ptr + rows[:, None] * som + cols_a[None, :] * sod, (acc_a / l_i[:, None]).to(out_ty),
                  mask=rows_ok & (cols_a[None, :] < D))
         if DB > 0:

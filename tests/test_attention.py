@@ -67,9 +67,12 @@ print(json.dumps(errors))
 
 def test_kernel_matches_pytorch_attention():
     """Against SDPA computed in float32: within the rounding of the output's dtype, for every head size and
-    key count, with diffusers' strided inputs; the output is laid out (B, M, H, D) as the flash kernel's."""
+    key count, with diffusers' strided inputs; the output is laid out (B, M, H, D) as the flash kernel's. At head
+    size 40 the row sums come out of the P V matmul (V's padding column loaded as ones)."""
     tolerance = {"torch.float32": 1e-5, "torch.float16": 2e-3}
-    for row in interpreted(KERNEL_CHECK):
+    rows = interpreted(KERNEL_CHECK)
+    assert len(rows) == 6
+    for row in rows:
         assert row["shape"][2:] == [row["m"], row["d"]] and row["dtype_out"] == row["dtype"] and row["bmhd"], row
         assert row["error"] < tolerance[row["dtype"]], row
 
@@ -171,10 +174,10 @@ def test_kernel_compiles_for_hopper_with_tensor_cores_and_pipelined_loads():
     names = _flash_forward.arg_names
     unit_strides = ("sqd", "skd", "svd", "sod")  # the head columns are contiguous: Triton specialises a 1
     constexprs = {n for n in names if n.isupper() and len(n) > 1} | set(unit_strides)
-    for d in (40, 80, 160):
+    config = CONFIGS[1]  # BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages
+    for d, dtype in [(40, "fp16"), (80, "fp16"), (160, "fp16"), (40, "bf16")]:
         da, db = head_chunks(d)
-        config = CONFIGS[1]  # BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages
-        signature = {n: "constexpr" if n in constexprs else "*fp16" if n in "QKVO" else "fp32" if n == "qk_scale"
+        signature = {n: "constexpr" if n in constexprs else f"*{dtype}" if n in "QKVO" else "fp32" if n == "qk_scale"
                      else "i32" for n in names}
         values = dict(D=d, DA=da, DB=db, PRECISION="tf32", EVEN_N=True, ALIGN=math.gcd(16, d), **config.kwargs,
                       **dict.fromkeys(unit_strides, 1))
@@ -186,7 +189,7 @@ def test_kernel_compiles_for_hopper_with_tensor_cores_and_pipelined_loads():
         kernel = triton.compile(ASTSource(_flash_forward, signature, constexprs=values, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 64),
                                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-        ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
-        assert "wgmma.mma_async" in ptx, f"head size {d}: no wgmma in the sm_90 kernel"
-        assert ttgir.count("async_copy_global_to_local") >= 4, f"head size {d}: key/value loads are not pipelined"
-        assert kernel.asm["cubin"], f"head size {d}: ptxas gave no cubin"
+        ptx, ttgir, what = kernel.asm["ptx"], kernel.asm["ttgir"], f"head size {d}, {dtype}"
+        assert "wgmma.mma_async" in ptx, f"{what}: no wgmma in the sm_90 kernel"
+        assert ttgir.count("async_copy_global_to_local") >= 4, f"{what}: key/value loads are not pipelined"
+        assert kernel.asm["cubin"], f"{what}: ptxas gave no cubin"
