@@ -196,6 +196,9 @@ def attention(q_BHMD: torch.Tensor, k_BHND: torch.Tensor, v_BHND: torch.Tensor, 
                          f"{tuple(k_BHND.shape)} and {tuple(v_BHND.shape)}.")
     if not q_BHMD.dtype == k_BHND.dtype == v_BHND.dtype:
         raise ValueError(f"q, k and v must share a dtype but are {q_BHMD.dtype}, {k_BHND.dtype} and {v_BHND.dtype}.")
+    if q_BHMD.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"diffedit's Triton attention runs on CUDA tensors, not on {q_BHMD.device}; "
+                         "a model on the CPU takes attention=None.")
     return _attention(q_BHMD, k_BHND, v_BHND, 1 / math.sqrt(q_BHMD.shape[3]) if scale is None else float(scale))
 
 
