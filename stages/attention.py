@@ -34,6 +34,8 @@ except ImportError:  # a CPU-only torch without Triton: the processor refuses to
     triton = None
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# The one config the interpreter runs (autotuning there would time every config, slowly); the tests vary it.
+INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, FMA_EXP=False)
 
 
 def head_chunks(d: int) -> tuple[int, int]:
@@ -57,6 +59,26 @@ def available() -> str | None:
     return None
 
 
+# 2^x for x <= 0 on the FMA units rather than the special-function unit (FlashAttention-4 offloads some this
+# way): Cody and Waite's split x = n + f with n = round(x) (adding 1.5 x 2^23 leaves n in the sum's low bits),
+# 2^f for f in [-0.5, 0.5] from a degree-3 polynomial fitted to relative error < 7.5e-5 (half precision rounds
+# at 2.4e-4), then n added to the exponent bits. x is first raised to -125: a masked key's -inf gives 2^-125,
+# zero once rounded to half precision. Constants: -125, 1.5 x 2^23, then the coefficients of f^3 ... f^0.
+EXP2_FMA_PTX = """
+    max.ftz.f32 f, {x}, 0fC2FA0000;
+    add.rn.ftz.f32 t, f, 0f4B400000;
+    sub.rn.ftz.f32 n, t, 0f4B400000;
+    sub.rn.ftz.f32 f, f, n;
+    fma.rn.ftz.f32 p, f, 0f3D61FBB0, 0f3E786F0F;
+    fma.rn.ftz.f32 p, p, f, 0f3F31798D;
+    fma.rn.ftz.f32 p, p, f, 0f3F7FFB49;
+    mov.b32 e, t;
+    shl.b32 e, e, 23;
+    mov.b32 bits, p;
+    add.s32 bits, bits, e;
+    mov.b32 {y}, bits;"""
+
+
 if triton is not None:
 
     @triton.jit
@@ -73,12 +95,33 @@ if triton is not None:
             tile = tl.load(ptrs)
         return tile
 
+    # Four values per call: $0-$3 out, $4-$7 in; the first three on the special-function unit.
+    EXP2_MIXED_PTX = tl.constexpr(
+        "{ .reg .f32 f, t, n, p; .reg .b32 e, bits;\n"
+        "ex2.approx.ftz.f32 $0, $4;\nex2.approx.ftz.f32 $1, $5;\nex2.approx.ftz.f32 $2, $6;"
+        + EXP2_FMA_PTX.format(x="$7", y="$3") + "\n}")
+
+    @triton.jit
+    def _exp2_mixed(x, INTERPRET: tl.constexpr):
+        """2^x, three of every four values a thread holds on the special-function unit, the fourth on the FMA units.
+
+        Which values go where does not matter (both give 2^x), so the split follows the registers, not the columns:
+        no data moves between threads.
+        """
+        if INTERPRET:  # no inline PTX there; tests/test_attention.py runs EXP2_FMA_PTX line by line instead
+            y = tl.exp2(x)
+        else:
+            y = tl.inline_asm_elementwise(EXP2_MIXED_PTX, "=f,=f,=f,=f,f,f,f,f", [x], dtype=tl.float32, is_pure=True,
+                                          pack=4)
+        return y
+
     @triton.jit
     def _flash_forward(
         Q, K, V, O, qk_scale, H, M, N,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, ALIGN: tl.constexpr,
+        FMA_EXP: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one (batch, head), all N keys. qk_scale = softmax scale x log2(e).
 
@@ -90,8 +133,12 @@ if triton is not None:
         special-function unit, 16 per clock and SM on Hopper against 4096 matmul FLOPs, so at head size 40 (160
         useful FLOPs per score) they take about as long as the matmuls. When the head leaves padding columns in
         its second chunk (40 = 32 + 16), V's first padding column is loaded as ones, so the P V matmul also sums
-        each row of P: no separate addition per score. (Exponentials in half precision, two per PTX instruction,
-        do not help on sm_90: ptxas splits `ex2.approx.f16x2` into two `MUFU.EX2.F16`.)
+        each row of P: no separate addition per score. With FMA_EXP, a quarter of the exponentials run on the
+        FMA units instead (``_exp2_mixed``: 12 simple instructions for one of the special-function unit's, whose
+        throughput is an eighth of theirs), so that neither unit waits as long for the other; the autotuner tries
+        both. (Splitting the score tile by columns instead made Triton move it through shared memory.)
+        (Exponentials in half precision, two per PTX instruction, do not help on sm_90: ptxas splits
+        `ex2.approx.f16x2` into two `MUFU.EX2.F16`.)
         """
         pid_m = tl.program_id(0)
         b = (tl.program_id(1) // H).to(tl.int64)
@@ -126,7 +173,8 @@ if triton is not None:
                 s = tl.where(keys[None, :] < N, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
-            p = tl.exp2(s * qk_scale - m_new[:, None])  # one multiply-add per score
+            x = s * qk_scale - m_new[:, None]  # one multiply-add per score
+            p = _exp2_mixed(x, INTERPRET) if FMA_EXP else tl.exp2(x)
             if not ONES:
                 l_i = l_i * alpha + tl.sum(p, 1)
             p = p.to(V.dtype.element_ty)
@@ -149,13 +197,19 @@ if triton is not None:
             tl.store(o_ptr + rows[:, None] * som + cols_b[None, :] * sod, (acc_b / l_i[:, None]).to(out_ty),
                      mask=rows_ok & (cols_b[None, :] < D))
 
-    # Tried per (head size, queries, keys) at the first call of each shape; the interpreter takes the first alone.
+    # Timed per (head size, queries, keys) at the first call of each shape in a process (not by the interpreter);
+    # Triton keeps the compiled kernels on disk, so only the first process on a machine compiles all ten.
     CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-                             (64, 128, 4, 2), (128, 32, 4, 3)]
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "FMA_EXP": fma}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]
+        for fma in (False, True)
     ]
-    _tuned = triton.autotune(CONFIGS, key=["D", "M", "N"])(
+    def _prune(configs, named_args, **kwargs):
+        """The polynomial's 7.5e-5 is below half precision's rounding, not single's: no FMA_EXP in float32."""
+        full = named_args["Q"].dtype == torch.float32
+        return [c for c in configs if not (full and c.kwargs["FMA_EXP"])]
+
+    _tuned = triton.autotune(CONFIGS, key=["D", "M", "N"], prune_configs_by={"early_config_prune": _prune})(
         triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_flash_forward))
 
     @torch.library.custom_op("diffedit::attention", mutates_args=())
@@ -166,10 +220,12 @@ if triton is not None:
         da, db = head_chunks(D)
         args = (q, k, v, o, scale * math.log2(math.e), H, M, N, *q.stride(), *k.stride(), *v.stride(), *o.stride())
         align = math.gcd(16, *(s for x in (q, k, v, o) for s in x.stride()[:-1]))
-        consts = dict(D=D, DA=da, DB=db, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ALIGN=align)
-        if INTERPRETED:  # autotuning under the interpreter would run every config, slowly
-            bm, bn = CONFIGS[0].kwargs["BLOCK_M"], CONFIGS[0].kwargs["BLOCK_N"]
-            _flash_forward[(triton.cdiv(M, bm), B * H)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=N % bn == 0)
+        consts = dict(D=D, DA=da, DB=db, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ALIGN=align,
+                      INTERPRET=INTERPRETED)
+        if INTERPRETED:
+            config = INTERPRETER_CONFIG
+            _flash_forward[(triton.cdiv(M, config["BLOCK_M"]), B * H)](*args, **consts, **config,
+                                                                        EVEN_N=N % config["BLOCK_N"] == 0)
         else:
             _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](*args, **consts)
         return o

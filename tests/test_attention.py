@@ -42,25 +42,31 @@ def test_head_chunks():
 KERNEL_CHECK = """
 import json, torch
 import torch.nn.functional as F
-from diffedit.stages.attention import attention
+import diffedit.stages.attention as kernel
 
 torch.manual_seed(0)
 errors = []
 # (head size, queries, keys, dtype): SD 1.5's sizes, a cross-attention's 77 keys, a key count that is not a
 # multiple of the key block, several query blocks, a power of two, and a head narrower than one chunk. No bfloat16:
 # the interpreter's tl.dot reads bfloat16 inputs wrongly (Triton 3.8); bench/attention_shapes.py checks it on a GPU.
-for d, m, n, dtype in [(40, 300, 300, torch.float16), (40, 200, 77, torch.float16), (80, 70, 129, torch.float32),
-                       (160, 40, 64, torch.float16), (64, 130, 40, torch.float32), (4, 17, 9, torch.float32)]:
-    b, h = 2, 3
-    x, c = torch.randn(b, m, h * d).to(dtype), torch.randn(b, n, h * d).to(dtype)
-    # As diffusers' processors make them: (B, L, H * D) projections viewed as (B, H, L, D), not contiguous.
-    q = x.unflatten(-1, (h, d)).transpose(1, 2)
-    k = c.unflatten(-1, (h, d)).transpose(1, 2)
-    v = (2 * c + 1).flip(1).unflatten(-1, (h, d)).transpose(1, 2)
-    out = attention(q, k, v)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    errors.append(dict(d=d, m=m, n=n, dtype=str(dtype), shape=list(out.shape), dtype_out=str(out.dtype),
-                       bmhd=out.transpose(1, 2).is_contiguous(), error=(out.float() - ref).abs().max().item()))
+# Two configs: the first autotuning candidate, and small blocks (more programs and key blocks). FMA_EXP changes
+# nothing in the interpreter (it cannot run inline PTX): test_fma_exponential_ptx_computes_2_to_the_x checks that.
+configs = [dict(BLOCK_M=128, BLOCK_N=64, FMA_EXP=False), dict(BLOCK_M=32, BLOCK_N=16, FMA_EXP=True)]
+for config in configs:
+    kernel.INTERPRETER_CONFIG = config
+    for d, m, n, dtype in [(40, 300, 300, torch.float16), (40, 200, 77, torch.float16), (80, 70, 129, torch.float32),
+                           (160, 40, 64, torch.float16), (64, 130, 40, torch.float32), (4, 17, 9, torch.float32)]:
+        b, h = 2, 3
+        x, c = torch.randn(b, m, h * d).to(dtype), torch.randn(b, n, h * d).to(dtype)
+        # As diffusers' processors make them: (B, L, H * D) projections viewed as (B, H, L, D), not contiguous.
+        q = x.unflatten(-1, (h, d)).transpose(1, 2)
+        k = c.unflatten(-1, (h, d)).transpose(1, 2)
+        v = (2 * c + 1).flip(1).unflatten(-1, (h, d)).transpose(1, 2)
+        out = kernel.attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        errors.append(dict(config=config, d=d, m=m, n=n, dtype=str(dtype), shape=list(out.shape),
+                           dtype_out=str(out.dtype), bmhd=out.transpose(1, 2).is_contiguous(),
+                           error=(out.float() - ref).abs().max().item()))
 print(json.dumps(errors))
 """
 
@@ -71,7 +77,7 @@ def test_kernel_matches_pytorch_attention():
     size 40 the row sums come out of the P V matmul (V's padding column loaded as ones)."""
     tolerance = {"torch.float32": 1e-5, "torch.float16": 2e-3}
     rows = interpreted(KERNEL_CHECK)
-    assert len(rows) == 6
+    assert len(rows) == 12
     for row in rows:
         assert row["shape"][2:] == [row["m"], row["d"]] and row["dtype_out"] == row["dtype"] and row["bmhd"], row
         assert row["error"] < tolerance[row["dtype"]], row
@@ -174,13 +180,16 @@ def test_kernel_compiles_for_hopper_with_tensor_cores_and_pipelined_loads():
     names = _flash_forward.arg_names
     unit_strides = ("sqd", "skd", "svd", "sod")  # the head columns are contiguous: Triton specialises a 1
     constexprs = {n for n in names if n.isupper() and len(n) > 1} | set(unit_strides)
-    config = CONFIGS[1]  # BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages
-    for d, dtype in [(40, "fp16"), (80, "fp16"), (160, "fp16"), (40, "bf16")]:
+    # BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages; without, then with a quarter of the exponentials on the FMA units.
+    plain, fma = (c for c in CONFIGS if c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 64 and c.num_warps == 8)
+    layout_moves = {}
+    for d, dtype, config in [(40, "fp16", plain), (80, "fp16", plain), (160, "fp16", plain), (40, "bf16", plain),
+                             (40, "fp16", fma)]:
         da, db = head_chunks(d)
         signature = {n: "constexpr" if n in constexprs else f"*{dtype}" if n in "QKVO" else "fp32" if n == "qk_scale"
                      else "i32" for n in names}
-        values = dict(D=d, DA=da, DB=db, PRECISION="tf32", EVEN_N=True, ALIGN=math.gcd(16, d), **config.kwargs,
-                      **dict.fromkeys(unit_strides, 1))
+        values = dict(D=d, DA=da, DB=db, PRECISION="tf32", EVEN_N=True, ALIGN=math.gcd(16, d), INTERPRET=False,
+                      **config.kwargs, **dict.fromkeys(unit_strides, 1))
         # Diffusers' layout (B, L, 8 x d): every stride but the head's (d) is a multiple of 16, as are the pointers.
         multiples_of_16 = {"Q", "K", "V", "O", "sqb", "sqm", "skb", "skn", "svb", "svn", "sob", "som"}
         if d % 16 == 0:
@@ -189,7 +198,50 @@ def test_kernel_compiles_for_hopper_with_tensor_cores_and_pipelined_loads():
         kernel = triton.compile(ASTSource(_flash_forward, signature, constexprs=values, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 64),
                                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-        ptx, ttgir, what = kernel.asm["ptx"], kernel.asm["ttgir"], f"head size {d}, {dtype}"
+        ptx, ttgir, what = kernel.asm["ptx"], kernel.asm["ttgir"], f"head size {d}, {dtype}, {config.kwargs}"
         assert "wgmma.mma_async" in ptx, f"{what}: no wgmma in the sm_90 kernel"
         assert ttgir.count("async_copy_global_to_local") >= 4, f"{what}: key/value loads are not pipelined"
         assert kernel.asm["cubin"], f"{what}: ptxas gave no cubin"
+        # The polynomial's PTX is in (and ptxas took it), and moved no data between threads.
+        assert ("shl.b32 e, e, 23" in ptx) == config.kwargs["FMA_EXP"], what
+        layout_moves[d, dtype, config.kwargs["FMA_EXP"]] = ttgir.count("convert_layout")
+    assert layout_moves[40, "fp16", True] == layout_moves[40, "fp16", False], layout_moves
+
+
+def test_fma_exponential_ptx_computes_2_to_the_x():
+    """The polynomial exponential the GPU runs (EXP2_FMA_PTX, inline PTX the interpreter cannot execute), executed
+    line by line here with NumPy's float32 and int32 arithmetic: within 7.5e-5 of 2^x over the scores' range, and
+    2^-125 (zero once rounded to half precision) for a masked key's -inf."""
+    import numpy as np
+
+    from diffedit.stages.attention import EXP2_FMA_PTX
+
+    def value(token, regs):
+        if token.startswith("0f"):  # a float32 written as its bits
+            return np.array([int(token[2:], 16)], np.uint32).view(np.float32)[0]
+        return regs[token]
+
+    x = np.concatenate([np.linspace(-130, 0, 200001, dtype=np.float32), np.float32([-np.inf, -0.0, -0.5, -124.6])])
+    regs = {"$x": x}
+    for line in EXP2_FMA_PTX.format(x="$x", y="$y").strip().splitlines():
+        op, operands = line.strip().rstrip(";").split(None, 1)
+        dst, *src = [t.strip() for t in operands.split(",")]
+        a = [int(t) if t.isdigit() else value(t, regs) for t in src]
+        if op.startswith("max.f32") or op.startswith("max.ftz.f32"):
+            regs[dst] = np.maximum(a[0], a[1]).astype(np.float32)
+        elif op.startswith(("add.rn", "sub.rn")):
+            regs[dst] = (a[0] + a[1] if op.startswith("add") else a[0] - a[1]).astype(np.float32)
+        elif op.startswith("fma.rn"):
+            regs[dst] = (a[0].astype(np.float64) * a[1] + a[2]).astype(np.float32)  # one rounding, as fma
+        elif op == "mov.b32":
+            regs[dst] = a[0].view(np.int32) if a[0].dtype == np.float32 else a[0].view(np.float32)
+        elif op == "shl.b32":
+            regs[dst] = (a[0].astype(np.int64) << a[1]).astype(np.uint32).view(np.int32)
+        elif op == "add.s32":
+            regs[dst] = (a[0].astype(np.int64) + a[1]).astype(np.uint32).view(np.int32)
+        else:
+            raise AssertionError(f"the test does not know the PTX instruction {op!r}: extend it")
+    y = regs["$y"].astype(np.float64)
+    ref = np.exp2(np.maximum(x.astype(np.float64), -125))
+    assert np.abs(y / ref - 1).max() < 7.5e-5
+    assert np.isclose(y[-4], 2.0**-125, rtol=7.5e-5) and np.all(y > 0)
