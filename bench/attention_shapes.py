@@ -68,7 +68,7 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from diffedit.stages.attention import attention, head_chunks
+    from diffedit.stages.attention import attention, autotuned, head_chunks
     from diffedit.stages.model import ATTENTION_BACKENDS
 
     dtype = DTYPES[args.dtype]
@@ -103,7 +103,9 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
     (args.out / "attention_shapes.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
                                                                     torch=torch.__version__, batch=args.batch,
-                                                                    dtype=args.dtype, rows=rows), indent=1))
+                                                                    dtype=args.dtype, rows=rows,
+                                                                    triton_autotuned=autotuned()), indent=1))
+    print("\nTriton's autotuner chose (key: head size, queries, keys, then the argument dtypes):", *autotuned(), sep="\n  ")
     print(f"\nbatch {args.batch}, {HEADS} heads, {args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("\n| layer | queries | keys | head | run at | backend | ms | useful TFLOP/s | max error |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:

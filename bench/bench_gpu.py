@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffedit.stages.attention import autotuned
 from diffedit.stages.config import EditConfig
 from diffedit.stages.editor import edit_batch
 from diffedit.stages.images import images_to_tensor
@@ -278,12 +279,12 @@ def main(argv=None):
         pass
     print(json.dumps(env), flush=True)
 
-    def record(name, n, first, steady, flops_per_edit, mem, compile_s=None):
+    def record(name, n, first, steady, flops_per_edit, mem, compile_s=None, **extra):
         eps = n / steady
         floor_s = flops_per_edit / rate if rate else None
         row = dict(variant=name, images_per_call=n, seconds=steady, edits_per_s=eps, first_call_s=first,
                    tflop_per_edit=flops_per_edit / 1e12, floor_share=(floor_s * eps) if floor_s else None,
-                   peak_gib=mem, compile_s=compile_s)
+                   peak_gib=mem, compile_s=compile_s, **extra)
         rows.append(row)
         print(json.dumps(row), flush=True)
         (args.out / "bench_gpu.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
@@ -324,8 +325,9 @@ def main(argv=None):
                     peak_reset(device)
                     first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
                     extra = first - steady  # compilation (or cuDNN's autotuning) on the first call
+                    tuned = dict(triton_autotuned=autotuned()) if model.attention == "triton" else {}
                     record(f"{name}, {variant_label(applied)}", n, first, steady, flops[key, model.share_prefix],
-                           peak_gib(device), compile_s=extra if extra > 1 else None)
+                           peak_gib(device), compile_s=extra if extra > 1 else None, **tuned)
         if args.profile and device.type == "cuda":
             n = max(int(s) for s in args.our_sizes.split(","))
             prof = phase_profile(model, lambda: run_ours(model, x_all[:n], same_work, args.max_batch), device)

@@ -235,6 +235,14 @@ if triton is not None:
         return _empty_output(q)
 
 
+def autotuned() -> list[str]:
+    """The configuration the autotuner chose for each shape this process has run (its key, then the config): what
+    to pin per shape once timings are in."""
+    if triton is None or INTERPRETED:
+        return []
+    return [f"{key} -> {config}" for key, config in _tuned.cache.items()]
+
+
 def _empty_output(q_BHMD: torch.Tensor) -> torch.Tensor:
     """o_BHMD stored as o_BMHD, as PyTorch's flash kernel returns it: the caller's transpose to (B, M, H x D) is free."""
     B, H, M, D = q_BHMD.shape
