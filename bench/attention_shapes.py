@@ -11,7 +11,8 @@ SDPA's kernels also run at the head size padded to the next size they are built 
 mean the kernel already pays for the padding. ``triton`` is diffedit's kernel (stages/attention.py), which covers
 a head with two power-of-two chunks (40 = 32 + 16); Triton autotunes it at its first call of each shape, before
 the timing. Rates count the useful work only, 4 x queries x keys x head size FLOPs per head (QK^T and PV). Each
-kernel's largest error against float32 attention is reported at the true head size. Seconds-long; prints a
+kernel's error against float32 attention is reported at the true head size (largest, and relative in norm), with
+a count of output elements it left unwritten (NaN). Seconds-long; prints a
 table and writes attention_shapes.json under --out.
 """
 
@@ -46,6 +47,18 @@ def time_ms(fn, repeats: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def check(call, ref, q) -> dict:
+    """``call()``'s error against ``ref`` (float32 attention on the first 4 images): the largest absolute one and
+    ||out - ref|| / ||ref||. Its output block is first filled with NaN (a freed block of the same size is what the
+    caching allocator hands out next), so an element the kernel never writes shows as NaN, not as an old value."""
+    poison = torch.full((q.numel(),), float("nan"), dtype=q.dtype, device=q.device)
+    del poison
+    out = call()[:4].float()
+    diff = out - ref
+    return dict(max_error=diff.abs().max().item(), rel_error=(diff.norm() / ref.norm()).item(),
+                unwritten=int(out.isnan().sum()))
 
 
 def projections(batch: int, queries: int, keys: int, size: int, dtype, generator):
@@ -94,7 +107,7 @@ def main(argv=None):
                         kernel = sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend]))
                     with kernel:
                         if size == head:
-                            row.update(max_error=(call()[:4].float() - ref).abs().max().item())
+                            row.update(check(call, ref, qs))
                         ms = time_ms(call, args.repeats)
                     row.update(ms=ms, useful_tflops=useful / ms / 1e9)
                 except RuntimeError as exc:  # a backend that does not take this shape
@@ -107,10 +120,13 @@ def main(argv=None):
                                                                     triton_autotuned=autotuned()), indent=1))
     print("\nTriton's autotuner chose (key: head size, queries, keys, then the argument dtypes):", *autotuned(), sep="\n  ")
     print(f"\nbatch {args.batch}, {HEADS} heads, {args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("\n| layer | queries | keys | head | run at | backend | ms | useful TFLOP/s | max error |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| layer | queries | keys | head | run at | backend | ms | useful TFLOP/s | error: max / relative |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         timing = f"{r['ms']:.3f} | {r['useful_tflops']:.0f}" if "ms" in r else f"- | {r['error']}"
-        err = f"{r['max_error']:.1e}" if "max_error" in r else "-"
+        err = f"{r['max_error']:.1e} / {r['rel_error']:.1e}" if "max_error" in r else "-"
+        if r.get("unwritten"):
+            err += f", {r['unwritten']} NaN"
         print(f"| {r['layer']} | {r['queries']} | {r['keys']} | {r['head_size']} | {r['run_at']} | {r['backend']} | "
               f"{timing} | {err} |")
 
