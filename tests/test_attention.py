@@ -245,3 +245,41 @@ def test_fma_exponential_ptx_computes_2_to_the_x():
     ref = np.exp2(np.maximum(x.astype(np.float64), -125))
     assert np.abs(y / ref - 1).max() < 7.5e-5
     assert np.isclose(y[-4], 2.0**-125, rtol=7.5e-5) and np.all(y > 0)
+
+
+TUNED_CHECK = """
+import json, torch
+import torch.nn.functional as F
+import diffedit.stages.attention as kernel
+
+timed = []
+
+
+def fake_timing(self, *args, config, **meta):  # the interpreter has no GPU clock: say which config is fastest
+    timed.append((str(self.nargs["Q"].dtype), config.kwargs["FMA_EXP"]))
+    fastest = config.kwargs["BLOCK_N"] == 128 and not config.kwargs["FMA_EXP"] and config.num_stages == 3
+    return [1.0 if fastest else 2.0] * 3
+
+
+type(kernel._tuned)._bench = fake_timing
+kernel.INTERPRETED = False  # the GPU's launch path (autotuner, heuristics, pruning), run by the interpreter
+rows = []
+for dtype in (torch.float16, torch.float32):
+    q, k, v = (torch.randn(1, n, 2, 40).to(dtype).transpose(1, 2) for n in (200, 77, 77))
+    out = kernel._attention(q, k, v, 40 ** -0.5)  # the op itself: attention() would refuse CPU tensors now
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    rows.append(dict(dtype=str(dtype), error=(out.float() - ref).abs().max().item()))
+print(json.dumps(dict(rows=rows, timed=timed, chosen=kernel.autotuned())))
+"""
+
+
+def test_autotuned_launch_path():
+    """The path a GPU takes, in the interpreter with a stand-in clock: the autotuner times every configuration once
+    per shape and dtype (the polynomial exponential never in float32), the key-block heuristic handles 77 keys in
+    blocks of 128, the chosen configuration computes attention, and autotuned() reports it."""
+    result = interpreted(TUNED_CHECK)
+    assert [r["error"] < tol for r, tol in zip(result["rows"], (2e-3, 1e-5))] == [True, True], result["rows"]
+    half = [fma for dtype, fma in result["timed"] if dtype == "torch.float16"]
+    full = [fma for dtype, fma in result["timed"] if dtype == "torch.float32"]
+    assert sorted(half) == [False] * 5 + [True] * 5 and full == [False] * 5, result["timed"]
+    assert len(result["chosen"]) == 2 and all("BLOCK_N: 128, FMA_EXP: False" in c for c in result["chosen"])
