@@ -283,3 +283,39 @@ def test_autotuned_launch_path():
     full = [fma for dtype, fma in result["timed"] if dtype == "torch.float32"]
     assert sorted(half) == [False] * 5 + [True] * 5 and full == [False] * 5, result["timed"]
     assert len(result["chosen"]) == 2 and all("BLOCK_N: 128, FMA_EXP: False" in c for c in result["chosen"])
+
+
+COMPILED_CHECK = """
+import json, sys, torch
+import diffedit.stages.attention as kernel
+from diffedit.stages.model import load_model
+
+launches = [0]
+jitted = kernel._flash_forward
+
+
+class CountingLaunches:  # kernel[grid](...) goes through here
+    def __getitem__(self, grid):
+        launches[0] += 1
+        return jitted[grid]
+
+
+kernel._flash_forward = CountingLaunches()
+model = load_model(sys.argv[1], device="cpu", dtype="fp32").compile(vae=False)
+x, embeds = torch.randn(2, 4, 8, 8), model.encode_text(["a", "b"])
+ref = model.predict(x, 500, embeds)
+model.attention = "triton"
+out = model.predict(x, 500, embeds)
+on = launches[0]
+model.attention = None
+back = model.predict(x, 500, embeds)
+print(json.dumps(dict(on=on, off=launches[0] - on, error=(out - ref).abs().max().item(), back=bool(torch.equal(back, ref)))))
+"""
+
+
+def test_compiled_engine_switches_attention(tiny_model_dir):
+    """On a UNet compiled by DiffEditModel.compile() (inductor), setting attention to 'triton' reaches the compiled
+    graph (torch.compile guards on the processors, and the op stays in the graph as one call), and setting it
+    back to None runs PyTorch's attention again, with the first output exactly."""
+    row = interpreted(COMPILED_CHECK.replace("sys.argv[1]", repr(str(tiny_model_dir))))
+    assert row["on"] > 0 and row["off"] == 0 and row["back"] and row["error"] < 1e-5, row
