@@ -2,7 +2,9 @@
 
 There is no GPU here, so the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, which must be set before
 Triton is imported: each check runs in a child process). The interpreter executes the kernel's own code, block by
-block, with NumPy; only the GPU's speed is not checked here (bench/attention_shapes.py does that).
+block, with NumPy. What it cannot run is checked otherwise: the inline PTX line by line with NumPy, the machine
+code by compiling for sm_90 ahead of time. The GPU's speed and its bfloat16 matmuls are left to
+bench/attention_shapes.py.
 """
 
 import json
