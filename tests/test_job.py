@@ -89,6 +89,20 @@ def test_end_to_end_rows_and_sizes(first, shards):
     assert run["completed"] and run["edit"]["steps"] == 4 and len(run["model_fingerprint"]) == 64
 
 
+def assert_same_edits(a, b, same_status: bool = False) -> None:
+    """Every row of ``b`` against the row of ``a`` with its edit_id (both indexed by it): for ok rows, the same mask
+    and the edit within one 8-bit level; with ``same_status``, the same status for every row."""
+    for eid, row in b.iterrows():
+        if same_status:
+            assert row.status == a.loc[eid].status
+        if row.status != "ok":
+            continue
+        assert row.mask_png == a.loc[eid].mask_png
+        x = np.asarray(Image.open(io.BytesIO(row.edited_png)), dtype=int)
+        y = np.asarray(Image.open(io.BytesIO(a.loc[eid].edited_png)), dtype=int)
+        assert np.abs(x - y).max() <= 1  # float rounding at an 8-bit boundary at most
+
+
 def test_batch_size_does_not_change_results(first, shards, tiny_model_dir, tmp_path):
     out, _ = first
     other = tmp_path / "bs1"
@@ -96,13 +110,7 @@ def test_batch_size_does_not_change_results(first, shards, tiny_model_dir, tmp_p
     a = read(out).set_index("edit_id")
     b = read(other).set_index("edit_id")
     assert len(b) > 0
-    for eid, row in b.iterrows():
-        if row.status != "ok":
-            continue
-        assert row.mask_png == a.loc[eid].mask_png
-        x = np.asarray(Image.open(io.BytesIO(row.edited_png)), dtype=int)
-        y = np.asarray(Image.open(io.BytesIO(a.loc[eid].edited_png)), dtype=int)
-        assert np.abs(x - y).max() <= 1  # float rounding at an 8-bit boundary at most
+    assert_same_edits(a, b)
 
 
 def test_two_calls_in_flight_give_the_same_rows(first, shards, tiny_model_dir, tmp_path):
@@ -114,13 +122,7 @@ def test_two_calls_in_flight_give_the_same_rows(first, shards, tiny_model_dir, t
     a = read(out).set_index("edit_id")
     b = read(other).set_index("edit_id")
     assert len(b) == len(a) and (b.status == "ok").sum() == 42
-    for eid, row in b.iterrows():
-        assert row.status == a.loc[eid].status
-        if row.status == "ok":
-            assert row.mask_png == a.loc[eid].mask_png
-            x = np.asarray(Image.open(io.BytesIO(row.edited_png)), dtype=int)
-            y = np.asarray(Image.open(io.BytesIO(a.loc[eid].edited_png)), dtype=int)
-            assert np.abs(x - y).max() <= 1
+    assert_same_edits(a, b, same_status=True)
 
 
 def test_rerun_skips_committed_rows_and_changed_parameters_are_refused(first, shards, tiny_model_dir):
