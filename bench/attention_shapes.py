@@ -1,7 +1,7 @@
 """How fast is SD 1.5's attention, shape by shape, per kernel? And what does its head size of 40 cost?
 
     bash bench/on_gpu.sh python3 bench/attention_shapes.py --out $OUT [--batch 64] [--dtype fp16]
-        [--backends flash,cudnn,efficient,triton]
+        [--backends flash,cudnn,efficient,default,triton]
 
 The profile of docs/BENCHMARKS.md puts a quarter of an edit's GPU time in attention, at a third of the matmul
 rate. This times each kernel alone at the UNet's attention shapes (8 heads; self-attention over 4096 tokens of
@@ -61,6 +61,17 @@ def check(call, ref, q) -> dict:
                 unwritten=int(out.isnan().sum()))
 
 
+def gpu_kernel(fn) -> str:
+    """The name of the GPU kernel that ``fn`` spends most time in (which kernel PyTorch's default picks)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return max(events, key=lambda e: e.device_time_total).key[:120] if events else "?"
+
+
 def projections(batch: int, queries: int, keys: int, size: int, dtype, generator):
     """q, k, v as diffusers' AttnProcessor2_0 passes them to SDPA: (B, L, H x D) projections viewed as (B, H, L, D)."""
     dev = torch.device("cuda")
@@ -74,14 +85,18 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch", type=int, default=64, help="images per call (the engine's UNet batch)")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
-    p.add_argument("--backends", default="flash,cudnn,efficient,triton")
+    p.add_argument("--backends", default="flash,cudnn,efficient,default,triton",
+                   help="SDPA's backends by name, `default` (PyTorch's own choice), `triton` (diffedit's kernel)")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from diffedit.stages.attention import attention, autotuned, head_chunks
+    from diffedit.stages.attention import _tuned, attention, autotuned, head_chunks
+
+    def tuned_timings() -> dict:
+        return getattr(_tuned, "configs_timings", None) or {}
     from diffedit.stages.model import ATTENTION_BACKENDS
 
     dtype = DTYPES[args.dtype]
@@ -104,11 +119,16 @@ def main(argv=None):
                         kernel = contextlib.nullcontext()  # not SDPA
                     else:
                         call = lambda: sdpa(qs, ks, vs)  # noqa: E731
-                        kernel = sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend]))
+                        kernel = (contextlib.nullcontext() if backend == "default"  # PyTorch's own choice
+                                  else sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend])))
                     with kernel:
                         if size == head:
                             row.update(check(call, ref, qs))
+                        if backend == "triton":  # the autotuner's time for each config, at this shape (its first call)
+                            row.update(configs_ms={str(c): round(t[0], 4) for c, t in tuned_timings().items()})
                         ms = time_ms(call, args.repeats)
+                        if backend == "default":
+                            row.update(kernel=gpu_kernel(call))
                     row.update(ms=ms, useful_tflops=useful / ms / 1e9)
                 except RuntimeError as exc:  # a backend that does not take this shape
                     row.update(error=str(exc).splitlines()[0][:160])
@@ -127,6 +147,8 @@ def main(argv=None):
         err = f"{r['max_error']:.1e} / {r['rel_error']:.1e}" if "max_error" in r else "-"
         if r.get("unwritten"):
             err += f", {r['unwritten']} NaN"
+        if r.get("kernel"):
+            err += f" (kernel: {r['kernel'][:60]})"
         print(f"| {r['layer']} | {r['queries']} | {r['keys']} | {r['head_size']} | {r['run_at']} | {r['backend']} | "
               f"{timing} | {err} |")
 

@@ -35,7 +35,7 @@ except ImportError:  # a CPU-only torch without Triton: the processor refuses to
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The one config the interpreter runs (autotuning there would time every config, slowly); the tests vary it.
-INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, FMA_EXP=False)
+INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, FMA_EXP=False, PIPELINE=False)
 
 
 def head_chunks(d: int) -> tuple[int, int]:
@@ -116,12 +116,47 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _scores(q_a, q_b, k_ptr, keys, cols_a, cols_b, skn, skd, N, D: tl.constexpr, DB: tl.constexpr,
+                EVEN_N: tl.constexpr, MASK_A: tl.constexpr, MASK_B: tl.constexpr, PRECISION: tl.constexpr):
+        """q k^T for one block of keys (unscaled), the head in its two chunks."""
+        k_a = _load_tile(k_ptr, keys, cols_a, skn, skd, N, D, not EVEN_N, MASK_A)
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+        if DB > 0:
+            k_b = _load_tile(k_ptr, keys, cols_b, skn, skd, N, D, not EVEN_N, MASK_B)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
+        return s
+
+    @triton.jit
+    def _softmax_step(s, keys, m_i, l_i, acc_a, acc_b, v_ptr, cols_a, cols_b, svn, svd, N, D: tl.constexpr,
+                      DB: tl.constexpr, qk_scale, EVEN_N: tl.constexpr, MASK_A: tl.constexpr, MASK_B: tl.constexpr,
+                      ONES: tl.constexpr, FMA_EXP: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+        """FlashAttention's update for one block of keys' scores s: the new running maximum and sum, and P V added to
+        the output accumulated so far, rescaled to the new maximum."""
+        if not EVEN_N:  # the last key block runs past N
+            s = tl.where(keys[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
+        x = s * qk_scale - m_new[:, None]  # one multiply-add per score
+        p = _exp2_mixed(x, INTERPRET) if FMA_EXP else tl.exp2(x)
+        if not ONES:
+            l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(v_ptr.dtype.element_ty)
+        v_a = _load_tile(v_ptr, keys, cols_a, svn, svd, N, D, not EVEN_N, MASK_A)
+        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PRECISION)
+        if DB > 0:
+            v_b = _load_tile(v_ptr, keys, cols_b, svn, svd, N, D, not EVEN_N, MASK_B)
+            if ONES:
+                v_b += (cols_b[None, :] == D).to(v_b.dtype)  # loaded as 0 there; P's row sums land in column D
+            acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PRECISION)
+        return m_new, l_i, acc_a, acc_b
+
+    @triton.jit
     def _flash_forward(
         Q, K, V, O, qk_scale, H, M, N,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, ALIGN: tl.constexpr,
-        FMA_EXP: tl.constexpr, INTERPRET: tl.constexpr,
+        FMA_EXP: tl.constexpr, PIPELINE: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one (batch, head), all N keys. qk_scale = softmax scale x log2(e).
 
@@ -159,33 +194,33 @@ if triton is not None:
             cols_b = DA + tl.arange(0, DB)
             q_b = _load_tile(q_ptr, rows, cols_b, sqm, sqd, M, D, True, MASK_B)
             acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+        else:  # stand-ins, never read (every use is under `DB > 0`)
+            cols_b, q_b, acc_b = cols_a, q_a, acc_a
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row maximum of the scaled scores
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(scaled score - m_i)
 
-        for start in range(0, N, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            k_a = _load_tile(k_ptr, keys, cols_a, skn, skd, N, D, not EVEN_N, MASK_A)
-            s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
-            if DB > 0:
-                k_b = _load_tile(k_ptr, keys, cols_b, skn, skd, N, D, not EVEN_N, MASK_B)
-                s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
-            if not EVEN_N:  # the last key block runs past N
-                s = tl.where(keys[None, :] < N, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
-            x = s * qk_scale - m_new[:, None]  # one multiply-add per score
-            p = _exp2_mixed(x, INTERPRET) if FMA_EXP else tl.exp2(x)
-            if not ONES:
-                l_i = l_i * alpha + tl.sum(p, 1)
-            p = p.to(V.dtype.element_ty)
-            m_i = m_new
-            v_a = _load_tile(v_ptr, keys, cols_a, svn, svd, N, D, not EVEN_N, MASK_A)
-            acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PRECISION)
-            if DB > 0:
-                v_b = _load_tile(v_ptr, keys, cols_b, svn, svd, N, D, not EVEN_N, MASK_B)
-                if ONES:
-                    v_b += (cols_b[None, :] == D).to(v_b.dtype)  # loaded as 0 there; P's row sums land in column D
-                acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PRECISION)
+        if PIPELINE:  # the next key block's scores are issued before this block's softmax: the two can overlap
+            s = _scores(q_a, q_b, k_ptr, tl.arange(0, BLOCK_N), cols_a, cols_b, skn, skd, N, D, DB, EVEN_N, MASK_A,
+                        MASK_B, PRECISION)
+            for start in range(BLOCK_N, N, BLOCK_N):
+                s_next = _scores(q_a, q_b, k_ptr, start + tl.arange(0, BLOCK_N), cols_a, cols_b, skn, skd, N, D, DB,
+                                 EVEN_N, MASK_A, MASK_B, PRECISION)
+                m_i, l_i, acc_a, acc_b = _softmax_step(
+                    s, start - BLOCK_N + tl.arange(0, BLOCK_N), m_i, l_i, acc_a, acc_b, v_ptr, cols_a, cols_b, svn,
+                    svd, N, D, DB, qk_scale, EVEN_N, MASK_A, MASK_B, ONES, FMA_EXP, INTERPRET, PRECISION)
+                s = s_next
+            last = (N - 1) // BLOCK_N * BLOCK_N
+            m_i, l_i, acc_a, acc_b = _softmax_step(
+                s, last + tl.arange(0, BLOCK_N), m_i, l_i, acc_a, acc_b, v_ptr, cols_a, cols_b, svn, svd, N, D, DB,
+                qk_scale, EVEN_N, MASK_A, MASK_B, ONES, FMA_EXP, INTERPRET, PRECISION)
+        else:
+            for start in range(0, N, BLOCK_N):
+                keys = start + tl.arange(0, BLOCK_N)
+                s = _scores(q_a, q_b, k_ptr, keys, cols_a, cols_b, skn, skd, N, D, DB, EVEN_N, MASK_A, MASK_B,
+                            PRECISION)
+                m_i, l_i, acc_a, acc_b = _softmax_step(
+                    s, keys, m_i, l_i, acc_a, acc_b, v_ptr, cols_a, cols_b, svn, svd, N, D, DB, qk_scale, EVEN_N,
+                    MASK_A, MASK_B, ONES, FMA_EXP, INTERPRET, PRECISION)
 
         out_ty = O.dtype.element_ty
         rows_ok = rows[:, None] < M
@@ -200,9 +235,9 @@ if triton is not None:
     # Timed per (head size, queries, keys) at the first call of each shape in a process (not by the interpreter);
     # Triton keeps the compiled kernels on disk, so only the first process on a machine compiles all ten.
     CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "FMA_EXP": fma}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "FMA_EXP": fma, "PIPELINE": pipe}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)]
-        for fma in (False, True)
+        for fma in (False, True) for pipe in (False, True)
     ]
     def _prune(configs, named_args, **kwargs):
         """The polynomial's 7.5e-5 is below half precision's rounding, not single's: no FMA_EXP in float32."""
@@ -212,8 +247,9 @@ if triton is not None:
     _tuned = triton.autotune(CONFIGS, key=["D", "M", "N"], prune_configs_by={"early_config_prune": _prune})(
         triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0})(_flash_forward))
 
-    @torch.library.custom_op("diffedit::attention", mutates_args=())
-    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def launch(q, k, v, scale: float, config: triton.Config | None = None) -> torch.Tensor:
+        """Run the kernel on q_BHMD, k_BHND, v_BHND: under ``config`` if given, else under the autotuner's choice
+        (the interpreter runs INTERPRETER_CONFIG). bench/attention_configs.py times each config this way."""
         B, H, M, D = q.shape
         N = k.shape[2]
         o = _empty_output(q)
@@ -222,13 +258,20 @@ if triton is not None:
         align = math.gcd(16, *(s for x in (q, k, v, o) for s in x.stride()[:-1]))
         consts = dict(D=D, DA=da, DB=db, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ALIGN=align,
                       INTERPRET=INTERPRETED)
-        if INTERPRETED:
-            config = INTERPRETER_CONFIG
-            _flash_forward[(triton.cdiv(M, config["BLOCK_M"]), B * H)](*args, **consts, **config,
-                                                                        EVEN_N=N % config["BLOCK_N"] == 0)
-        else:
+        if INTERPRETED and config is None:
+            config = triton.Config(INTERPRETER_CONFIG)
+        if config is None:
             _tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), B * H)](*args, **consts)
+        else:
+            meta = config.kwargs
+            options = {} if INTERPRETED else dict(num_warps=config.num_warps, num_stages=config.num_stages)
+            _flash_forward[(triton.cdiv(M, meta["BLOCK_M"]), B * H)](*args, **consts, **meta, **options,
+                                                                      EVEN_N=N % meta["BLOCK_N"] == 0)
         return o
+
+    @torch.library.custom_op("diffedit::attention", mutates_args=())
+    def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return launch(q, k, v, scale)
 
     @_attention.register_fake
     def _(q, k, v, scale):
