@@ -1,16 +1,15 @@
 """How fast is SD 1.5's attention, shape by shape, per kernel? And what does its head size of 40 cost?
 
     bash bench/on_gpu.sh python3 bench/attention_shapes.py --out $OUT [--batch 64] [--dtype fp16]
-        [--backends flash,cudnn,efficient,default,triton]
+        [--backends flash,cudnn,efficient,default]
 
 The profile of docs/BENCHMARKS.md puts a quarter of an edit's GPU time in attention, at a third of the matmul
 rate. This times each kernel alone at the UNet's attention shapes (8 heads; self-attention over 4096 tokens of
 head size 40 on the 64 x 64 latent grid, 1024 of 80, 256 and 64 of 160; cross-attention to 77 text tokens at
 each size), with q, k and v laid out as diffusers' processors make them ((B, L, H x D) viewed as (B, H, L, D)).
 SDPA's kernels also run at the head size padded to the next size they are built for (64, 128, 192): equal times
-mean the kernel already pays for the padding. ``triton`` is diffedit's kernel (stages/attention.py), which covers
-a head with two power-of-two chunks (40 = 32 + 16); Triton autotunes it at its first call of each shape, before
-the timing. Rates count the useful work only, 4 x queries x keys x head size FLOPs per head (QK^T and PV). Each
+mean the kernel already pays for the padding. ``default`` is PyTorch's own choice (no ``sdpa_kernel`` context), as
+the engine's ``attention=None`` gets it; its row names the GPU kernel that ran. Rates count the useful work only, 4 x queries x keys x head size FLOPs per head (QK^T and PV). Each
 kernel's error against float32 attention is reported at the true head size (largest, and relative in norm), with
 a count of output elements it left unwritten (NaN). Seconds-long; prints a
 table and writes attention_shapes.json under --out.
@@ -85,18 +84,14 @@ def main(argv=None):
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch", type=int, default=64, help="images per call (the engine's UNet batch)")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
-    p.add_argument("--backends", default="flash,cudnn,efficient,default,triton",
-                   help="SDPA's backends by name, `default` (PyTorch's own choice), `triton` (diffedit's kernel)")
+    p.add_argument("--backends", default="flash,cudnn,efficient,default",
+                   help="SDPA's backends by name, and `default` (PyTorch's own choice)")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from diffedit.stages.attention import _tuned, attention, autotuned, head_chunks
-
-    def tuned_timings() -> dict:
-        return getattr(_tuned, "configs_timings", None) or {}
     from diffedit.stages.model import ATTENTION_BACKENDS
 
     dtype = DTYPES[args.dtype]
@@ -108,24 +103,16 @@ def main(argv=None):
         ref = sdpa(*(x[:4].float() for x in (q, k, v)))
         useful = 4 * args.batch * HEADS * queries * keys * head  # FLOPs of the unpadded attention
         for backend in args.backends.split(","):
-            sizes = [head] if backend == "triton" else [head, PADDED[head]]
-            for size in sizes:
-                run_at = "+".join(str(c) for c in head_chunks(head) if c) if backend == "triton" else str(size)
-                row = dict(layer=layer, queries=queries, keys=keys, head_size=head, run_at=run_at, backend=backend)
+            for size in [head, PADDED[head]]:
+                row = dict(layer=layer, queries=queries, keys=keys, head_size=head, run_at=size, backend=backend)
                 qs, ks, vs = (q, k, v) if size == head else projections(args.batch, queries, keys, size, dtype, gen)
                 try:
-                    if backend == "triton":
-                        call = lambda: attention(qs, ks, vs)  # noqa: E731
-                        kernel = contextlib.nullcontext()  # not SDPA
-                    else:
-                        call = lambda: sdpa(qs, ks, vs)  # noqa: E731
-                        kernel = (contextlib.nullcontext() if backend == "default"  # PyTorch's own choice
-                                  else sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend])))
+                    call = lambda: sdpa(qs, ks, vs)  # noqa: E731
+                    kernel = (contextlib.nullcontext() if backend == "default"  # PyTorch's own choice
+                              else sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[backend])))
                     with kernel:
                         if size == head:
                             row.update(check(call, ref, qs))
-                        if backend == "triton":  # the autotuner's time for each config, at this shape (its first call)
-                            row.update(configs_ms={str(c): round(t[0], 4) for c, t in tuned_timings().items()})
                         ms = time_ms(call, args.repeats)
                         if backend == "default":
                             row.update(kernel=gpu_kernel(call))
@@ -136,9 +123,7 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
     (args.out / "attention_shapes.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
                                                                     torch=torch.__version__, batch=args.batch,
-                                                                    dtype=args.dtype, rows=rows,
-                                                                    triton_autotuned=autotuned()), indent=1))
-    print("\nTriton's autotuner chose (key: head size, queries, keys, then the argument dtypes):", *autotuned(), sep="\n  ")
+                                                                    dtype=args.dtype, rows=rows), indent=1))
     print(f"\nbatch {args.batch}, {HEADS} heads, {args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("\n| layer | queries | keys | head | run at | backend | ms | useful TFLOP/s | error: max / relative |\n"
           "|---|---|---|---|---|---|---|---|---|")

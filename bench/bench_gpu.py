@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffedit.stages.attention import autotuned
 from diffedit.stages.config import EditConfig
 from diffedit.stages.editor import edit_batch
 from diffedit.stages.images import images_to_tensor
@@ -203,8 +202,6 @@ VARIANTS = {  # applied one after the other: each adds to (or, for per-row/share
     "qkv": "diffusers' fuse_qkv_projections(): one matmul for q, k, v (k, v in cross-attention); recompiles",
     "cudnn-bench": "torch.backends.cudnn.benchmark = True (cuDNN times its conv algorithms per shape)",
     "cudnn-attention": "the UNet's attention on cuDNN's fused kernel (DiffEditModel.attention = 'cudnn'); recompiles",
-    "triton-attention": "the UNet's attention on diffedit's Triton kernel for head sizes 40/80/160 "
-                        "(DiffEditModel.attention = 'triton', stages/attention.py); recompiles, autotunes per shape",
 }
 
 
@@ -221,10 +218,10 @@ def apply_variant(model: DiffEditModel, variant: str, device) -> None:
     elif variant == "qkv":
         model.unet.fuse_qkv_projections()
         torch._dynamo.reset()  # new modules and attention processors: trace again
-    elif variant in ("cudnn-attention", "triton-attention"):
+    elif variant == "cudnn-attention":
         if device.type != "cuda":
-            raise SystemExit(f"{variant} needs a CUDA device.")
-        model.attention = variant.split("-")[0]
+            raise SystemExit("cudnn-attention needs a CUDA device.")
+        model.attention = "cudnn"
         torch._dynamo.reset()  # the attention kernel is chosen when the UNet is traced: compile again
 
 
@@ -279,12 +276,12 @@ def main(argv=None):
         pass
     print(json.dumps(env), flush=True)
 
-    def record(name, n, first, steady, flops_per_edit, mem, compile_s=None, **extra):
+    def record(name, n, first, steady, flops_per_edit, mem, compile_s=None):
         eps = n / steady
         floor_s = flops_per_edit / rate if rate else None
         row = dict(variant=name, images_per_call=n, seconds=steady, edits_per_s=eps, first_call_s=first,
                    tflop_per_edit=flops_per_edit / 1e12, floor_share=(floor_s * eps) if floor_s else None,
-                   peak_gib=mem, compile_s=compile_s, **extra)
+                   peak_gib=mem, compile_s=compile_s)
         rows.append(row)
         print(json.dumps(row), flush=True)
         (args.out / "bench_gpu.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
@@ -325,9 +322,8 @@ def main(argv=None):
                     peak_reset(device)
                     first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
                     extra = first - steady  # compilation (or cuDNN's autotuning) on the first call
-                    tuned = dict(triton_autotuned=autotuned()) if model.attention == "triton" else {}
                     record(f"{name}, {variant_label(applied)}", n, first, steady, flops[key, model.share_prefix],
-                           peak_gib(device), compile_s=extra if extra > 1 else None, **tuned)
+                           peak_gib(device), compile_s=extra if extra > 1 else None)
         if args.profile and device.type == "cuda":
             n = max(int(s) for s in args.our_sizes.split(","))
             prof = phase_profile(model, lambda: run_ours(model, x_all[:n], same_work, args.max_batch), device)

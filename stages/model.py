@@ -31,10 +31,8 @@ COMPONENTS = {
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RECOMMENDED_DEFAULTS_FILE = "diffedit.json"  # optional: a model's own recommended edit parameters
-# The UNet's attention kernel: one of torch.nn.functional.scaled_dot_product_attention's backends, or
-# TRITON_ATTENTION (stages/attention.py, built for head sizes that are not a power of two); None: PyTorch's choice.
+# The UNet's attention kernel (torch.nn.functional.scaled_dot_product_attention's backend); None: PyTorch's choice.
 ATTENTION_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-TRITON_ATTENTION = "triton"
 
 
 class ModelLoadError(ValueError):
@@ -104,13 +102,12 @@ class DiffEditModel:
     device: torch.device
     dtype: torch.dtype
     recommended: dict = field(default_factory=dict)  # the folder's diffedit.json, if any
-    attention: str | None = None  # a key of ATTENTION_BACKENDS, TRITON_ATTENTION, or None (PyTorch's choice)
+    attention: str | None = None  # a key of ATTENTION_BACKENDS: the UNet's SDPA kernel; None: PyTorch's choice
     # Run the UNet's prompt-independent first layers once per latent when predict() gets k prompts per latent.
     share_prefix: bool = True
     _fingerprint: str | None = None
     _compiled: set = field(default_factory=set)  # the parts compile() has compiled
     _prefix: PromptFreePrefix = field(init=False, repr=False)
-    _default_processors: dict | None = field(default=None, repr=False)  # the UNet's own, while TRITON_ATTENTION's are in
 
     def __post_init__(self):
         self._prefix = PromptFreePrefix(self.unet)  # hooks, no-ops outside predict(); empty for an unknown UNet
@@ -215,22 +212,10 @@ class DiffEditModel:
         return torch.cat(outs, dim=1).flatten(0, 1)  # k blocks of n rows
 
     def _attention_kernel(self):
-        """Put the attention that ``self.attention`` names in place: a context for SDPA's backends, processors for Triton's."""
-        if self.attention is not None and self.attention not in (*ATTENTION_BACKENDS, TRITON_ATTENTION):
-            raise ValueError(f"`attention` must be one of {', '.join(ATTENTION_BACKENDS)}, {TRITON_ATTENTION} or None "
-                             f"but is {self.attention!r}.")
-        triton = self.attention == TRITON_ATTENTION
-        if triton and self._default_processors is None:
-            from .attention import TritonAttnProcessor
-
-            processor = TritonAttnProcessor()  # raises, saying why, where Triton cannot run
-            self._default_processors = self.unet.attn_processors
-            self.unet.set_attn_processor(processor)
-        elif not triton and self._default_processors is not None:
-            self.unet.set_attn_processor(self._default_processors)
-            self._default_processors = None
-        if self.attention in (None, TRITON_ATTENTION):
+        if self.attention is None:
             return contextlib.nullcontext()
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"`attention` must be one of {', '.join(ATTENTION_BACKENDS)} or None but is {self.attention!r}.")
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[self.attention]))
