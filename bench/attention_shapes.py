@@ -9,10 +9,10 @@ head size 40 on the 64 x 64 latent grid, 1024 of 80, 256 and 64 of 160; cross-at
 each size), with q, k and v laid out as diffusers' processors make them ((B, L, H x D) viewed as (B, H, L, D)).
 SDPA's kernels also run at the head size padded to the next size they are built for (64, 128, 192): equal times
 mean the kernel already pays for the padding. ``default`` is PyTorch's own choice (no ``sdpa_kernel`` context), as
-the engine's ``attention=None`` gets it; its row names the GPU kernel that ran. Rates count the useful work only, 4 x queries x keys x head size FLOPs per head (QK^T and PV). Each
-kernel's error against float32 attention is reported at the true head size (largest, and relative in norm), with
-a count of output elements it left unwritten (NaN). Seconds-long; prints a
-table and writes attention_shapes.json under --out.
+the engine's ``attention=None`` gets it; its row names the GPU kernel that ran. Rates count the useful work only,
+4 x queries x keys x head size FLOPs per head (QK^T and PV). Each kernel's error against float32 attention is
+reported at the true head size (largest, and relative in norm), with a count of output elements it left unwritten
+(NaN). Seconds-long; prints a table and writes attention_shapes.json under --out.
 """
 
 from __future__ import annotations
