@@ -102,10 +102,10 @@ def main(argv=None):
         # The reference: float32 attention on the first 4 images (enough to see a kernel's rounding).
         ref = sdpa(*(x[:4].float() for x in (q, k, v)))
         useful = 4 * args.batch * HEADS * queries * keys * head  # FLOPs of the unpadded attention
+        inputs = {head: (q, k, v), PADDED[head]: projections(args.batch, queries, keys, PADDED[head], dtype, gen)}
         for backend in args.backends.split(","):
-            for size in [head, PADDED[head]]:
+            for size, (qs, ks, vs) in inputs.items():
                 row = dict(layer=layer, queries=queries, keys=keys, head_size=head, run_at=size, backend=backend)
-                qs, ks, vs = (q, k, v) if size == head else projections(args.batch, queries, keys, size, dtype, gen)
                 try:
                     call = lambda: sdpa(qs, ks, vs)  # noqa: E731
                     kernel = (contextlib.nullcontext() if backend == "default"  # PyTorch's own choice
