@@ -3,20 +3,34 @@
 Export writes the kept edits as WebDataset shards for a training loader, one sample per edit:
 ``__key__`` = the edit_id (safe as a name; the original key is in the json), ``png``/``jpg`` = the edit,
 ``mask.png``, ``txt`` = the target prompt, ``json`` = key, prompts, seed, sample index, best, scores.
-With best-of-k (``--samples-per-edit k``) every ok sample is exported unless ``best_only``.
+With best-of-k (``--samples-per-edit k``) every ok sample is exported unless ``best_only``. ``--where`` is the
+filter language of ``filter.py`` (never pandas' ``query``). Beside the shards, ``export.json`` records the export.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
+import re
+import shutil
+import uuid
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from .schema import SCORE_COLUMNS
+from .filter import FilterError, parse
+from .schema import SCHEMA, SCHEMA_VERSION, SCORE_COLUMNS
 from .store import OutputStore
+
+EXPORT_COLUMNS = ("key", "edit_id", "shard", "source_prompt", "target_prompt", "seed", "sample_index", "best", "width",
+                  "height", "mask_fraction", *SCORE_COLUMNS, "mask_png", "edited_png", "edited_jpg")
+EXPORT_MARKER = "export.json"  # what was exported, from where, with which filter; written last
+SHARD_NAME = re.compile(r"edits-[0-9]+\.tar")
 
 
 def status(out: str | Path) -> dict:
@@ -63,46 +77,119 @@ def _best_of_k(df: pd.DataFrame, run: dict) -> dict:
 
 
 def export(out: str | Path, to: str | Path, where: str | None = None, best_only: bool = False,
-           maxcount: int = 10000) -> dict:
-    """Write ``ok`` rows (only the best sample of each edit with ``best_only``; filtered by a pandas ``query``
-    expression) as WebDataset shards under ``to``."""
-    import webdataset as wds
+           maxcount: int = 10000, overwrite: bool = False) -> dict:
+    """Write ``ok`` rows (only the best sample of each edit with ``best_only``; only those where the filter
+    ``where`` is true, see ``manifests/filter.py``) as WebDataset shards ``edits-NNNNNN.tar`` under ``to``.
 
-    df = OutputStore(out).read().to_pandas()
-    df = df[df.status == "ok"]
-    if best_only:
-        if len(df) and df.best.isna().all():
-            raise ValueError("--best-only: these rows have no `best` mark (a manifest older than schema version 2).")
-        df = df[df.best == True]  # noqa: E712
+    ``to`` must be new or empty; ``overwrite`` replaces a previous export there, and refuses a folder holding
+    anything else. The shards are written into a temporary folder beside ``to`` and moved into place at the
+    end, so ``to`` holds either the whole export or what it held before.
+    """
+    # 1. Check the job, the filter and the destination before reading or writing anything.
+    store = OutputStore(out)
+    if store.read_run() is None and not store.part_files():
+        raise FileNotFoundError(f"{out} holds no diffedit job (no run.json and no manifest/part-*.parquet): "
+                                "nothing to export.")
+    expr = None
     if where:
         try:
-            df = df.query(where, engine="python")
-        except Exception as exc:
-            raise ValueError(f"--where {where!r} is not a valid filter over the manifest's columns: {exc}") from exc
-    to = Path(to)
-    to.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with wds.ShardWriter(str(to / "edits-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
-        for row in df.itertuples(index=False):
-            meta = dict(key=row.key, edit_id=row.edit_id, shard=row.shard, source_prompt=row.source_prompt,
-                        target_prompt=row.target_prompt, seed=int(row.seed), sample_index=_int(row.sample_index),
-                        best=None if pd.isna(row.best) else bool(row.best), width=int(row.width),
-                        height=int(row.height), mask_fraction=_num(row.mask_fraction),
-                        scores={c: _num(getattr(row, c)) for c in SCORE_COLUMNS})
-            sample = {"__key__": row.edit_id, "mask.png": row.mask_png, "txt": row.target_prompt,
-                      "json": json.dumps(meta).encode()}
-            if row.edited_png is not None:
-                sample["png"] = row.edited_png
-            else:
-                sample["jpg"] = row.edited_jpg
-            sink.write(sample)
-            written += 1
-    return dict(exported=written, to=str(to.resolve()), where=where, best_only=best_only)
+            expr = parse(where, SCHEMA)
+        except FilterError as exc:
+            raise FilterError(f"--where is not a valid filter over the manifest's columns: {exc}") from exc
+    to = Path(to).resolve()
+    _check_destination(to, overwrite)
+
+    # 2. The rows, read with pyarrow: integers stay exact int64 (pandas would make a nullable seed a float64).
+    columns = {"status", *EXPORT_COLUMNS, *(expr.columns if expr else ())}
+    table = store.read(columns=[c for c in SCHEMA.names if c in columns])
+    table = table.filter(pc.equal(table["status"], "ok"))
+    if best_only:
+        if table.num_rows and table["best"].null_count == table.num_rows:
+            raise ValueError("--best-only: these rows have no `best` mark (a manifest older than schema version 2).")
+        table = table.filter(pc.equal(table["best"], True))
+    if expr is not None:
+        table = table.filter(pa.array(expr.mask(table).to_numpy()))
+
+    # 3. Write the shards and the marker into a temporary folder beside `to`, then move it into place.
+    to.parent.mkdir(parents=True, exist_ok=True)
+    for stale in to.parent.glob(f".{glob.escape(to.name)}.export-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = to.parent / f".{to.name}.export-{uuid.uuid4().hex}.partial"
+    tmp.mkdir()
+    try:
+        shards = _write_shards(table, tmp, maxcount)
+        result = dict(exported=table.num_rows, to=str(to), where=where, best_only=best_only)
+        marker = dict(result, source=str(Path(out).resolve()), shards=shards, schema_version=SCHEMA_VERSION)
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1))
+        _move_into_place(tmp, to)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
 
 
-def _int(v):
-    return None if v is None or pd.isna(v) else int(v)
+def _is_export_file(path: Path) -> bool:
+    """A file a previous export wrote (a shard or the marker): the only files ``overwrite`` removes."""
+    return path.is_file() and (path.name == EXPORT_MARKER or SHARD_NAME.fullmatch(path.name) is not None)
+
+
+def _check_destination(to: Path, overwrite: bool) -> None:
+    if to.exists() and not to.is_dir():
+        raise ValueError(f"--to {to} is a file, not a folder.")
+    entries = sorted(to.iterdir()) if to.is_dir() else []
+    foreign = [p.name for p in entries if not _is_export_file(p)]
+    if foreign:
+        raise ValueError(f"--to {to} holds files that no diffedit export wrote ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}); export into a new or empty folder "
+                         "(--overwrite replaces only a previous export's shards).")
+    if entries and not overwrite:
+        raise ValueError(f"--to {to} already holds an export ({len(entries)} files); pass --overwrite to replace it, "
+                         "or export into a new or empty folder.")
+
+
+def _write_shards(table, folder: Path, maxcount: int) -> list[str]:
+    import webdataset as wds
+
+    pattern = str(folder).replace("%", "%%") + "/edits-%06d.tar"  # ShardWriter %-formats the whole pattern
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, post=_fsync) as sink:
+        for batch in table.to_batches(max_chunksize=256):
+            for row in batch.to_pylist():  # Python ints straight from int64/int32: never through a float
+                sink.write(_sample(row))
+    return sorted(p.name for p in folder.glob("edits-*.tar"))
+
+
+def _sample(row: dict) -> dict:
+    meta = dict(key=row["key"], edit_id=row["edit_id"], shard=row["shard"], source_prompt=row["source_prompt"],
+                target_prompt=row["target_prompt"], seed=row["seed"], sample_index=row["sample_index"],
+                best=row["best"], width=row["width"], height=row["height"], mask_fraction=_num(row["mask_fraction"]),
+                scores={c: _num(row[c]) for c in SCORE_COLUMNS})
+    sample = {"__key__": row["edit_id"], "mask.png": row["mask_png"], "txt": row["target_prompt"],
+              "json": json.dumps(meta).encode()}
+    if row["edited_png"] is not None:
+        sample["png"] = row["edited_png"]
+    else:
+        sample["jpg"] = row["edited_jpg"]
+    return sample
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _move_into_place(tmp: Path, to: Path) -> None:
+    """``to`` is new, empty, or holds only a previous export (``_check_destination``)."""
+    if not to.exists() or not any(to.iterdir()):
+        os.replace(tmp, to)  # a rename; it also replaces an empty folder
+        return
+    old = to.parent / f".{to.name}.export-{uuid.uuid4().hex}.old"
+    os.replace(to, old)
+    try:
+        os.replace(tmp, to)
+    except OSError:
+        os.replace(old, to)  # put the previous export back
+        raise
+    shutil.rmtree(old)
 
 
 def _num(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) or pd.isna(v) else float(v)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
