@@ -1,11 +1,13 @@
 """Prompt pairs: substitution rules, label templates, pair tables (no Ray, no model)."""
 
 import json
+import time
 
 import pandas as pd
 import pytest
 
 from diffedit.manifests.schema import edit_id
+from diffedit.pipelines import prompts
 from diffedit.pipelines.prompts import PromptSpec
 
 
@@ -60,7 +62,7 @@ def test_files_and_errors(tmp_path):
     (tmp_path / "p.yaml").write_text("rules:\n  - from: dog\n    to: [cat, fox]\n  - from: red\n    to: blue\n")
     for name in ("p.json", "p.yaml"):
         assert targets(PromptSpec.load(tmp_path / name), "a red dog") == ["a red cat", "a red fox", "a blue dog"]
-    with pytest.raises(ValueError, match="Unknown key"):
+    with pytest.raises(ValueError, match="unknown key 'rule'"):
         PromptSpec.from_dict({"rule": []})
     with pytest.raises(ValueError, match="`from` and `to`"):
         PromptSpec.from_dict({"rules": [{"from": "dog"}]})
@@ -70,7 +72,127 @@ def test_files_and_errors(tmp_path):
 
 
 def test_edit_id_is_stable_and_distinguishes_edits():
-    assert edit_id("k", 0, "a dog", "a cat") == edit_id("k", 0, "a dog", "a cat")
-    ids = {edit_id("k", i, "a dog", t) for i, t in enumerate(["a cat", "a fox"])}
-    ids |= {edit_id("k2", 0, "a dog", "a cat")}
+    assert edit_id("s", "k", 0, "a dog", "a cat") == edit_id("s", "k", 0, "a dog", "a cat")
+    ids = {edit_id("s", "k", i, "a dog", t) for i, t in enumerate(["a cat", "a fox"])}
+    ids |= {edit_id("s", "k2", 0, "a dog", "a cat")}
     assert len(ids) == 3
+
+
+# Item 10: a pair table loses nothing: keys (and prompts) are text, never numbers.
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_pair_table_keys_keep_leading_zeros(tmp_path, suffix):
+    df = pd.DataFrame({"key": ["000001", "000001", "0042"], "source_prompt": ["a dog", "a dog", "NA"],
+                       "target_prompt": ["a cat", "a fox", "1.50"]})
+    path = tmp_path / f"pairs{suffix}"
+    df.to_csv(path, index=False) if suffix == ".csv" else df.to_json(path, orient="records", lines=True)
+    spec = PromptSpec.load(path)
+    assert targets(spec, None, key="000001") == ["a cat", "a fox"]  # a key given twice: two edits
+    assert spec.edits("0042", None, None) == [prompts.Edit("NA", "1.50")]  # no NaN, no 1.5
+    assert spec.edits("1", None, None) == []
+
+
+def test_parquet_table_with_integer_keys_is_refused(tmp_path):
+    pd.DataFrame({"key": [1, 2], "source_prompt": ["a", "b"], "target_prompt": ["c", "d"]}).to_parquet(tmp_path / "p.parquet")
+    with pytest.raises(ValueError, match=r"p\.parquet.*`key` holds numbers"):
+        PromptSpec.load(tmp_path / "p.parquet")
+
+
+def test_skip_reason_says_key_not_in_table(tmp_path):
+    pd.DataFrame({"key": ["a"], "source_prompt": ["x"], "target_prompt": ["y"]}).to_csv(tmp_path / "p.csv", index=False)
+    table = PromptSpec.load(tmp_path / "p.csv")
+    assert table.skip_reason("b", "a red dog", None) == "key not in the pair table"
+    assert table.skip_reason("a", None, None) == ""  # it has edits
+    rules = PromptSpec.from_dict(RULES)
+    assert rules.skip_reason("k", "a green cube", None) == "no prompt rule matches"
+    assert rules.skip_reason("k", None, None) == "no caption or label"
+
+
+# Item 14: the whole file is checked at load time; every message names the file and the entry.
+BAD_FILES = {
+    "template_unknown_field": ("labels: {names: [cat, dog], template: 'a photo of a {labell}'}", r"labels.template.*\{labell\}"),
+    "template_positional": ("labels: {names: [cat, dog], template: 'a photo of a {}'}", r"labels.template.*field \{\}"),
+    "template_bad_spec": ("labels: {names: [cat, dog], template: 'a photo of a {label:d}'}", r"labels.template.*cannot be filled"),
+    "template_unbalanced": ("labels: {names: [cat, dog], template: 'a photo of a {label'}", r"labels.template.*not a valid"),
+    "from_empty": ("rules: [{from: '', to: cat}]", r"rule 0 `from`: is empty"),
+    "from_blank": ("rules: [{from: '   ', to: cat}]", r"rule 0 `from`: is empty"),
+    "to_null": ("rules: [{from: dog, to: null}]", r"rule 0 `to`: must be text or a list"),
+    "to_empty_list": ("rules: [{from: dog, to: []}]", r"rule 0 `to`: is an empty list"),
+    "to_nested_list": ("rules: [{from: dog, to: [[cat]]}]", r"rule 0 `to` entry 0: must be text, got a list of 1"),
+    "to_mapping": ("rules: [{from: dog, to: {cat: 1}}]", r"rule 0 `to`: must be text or a list"),
+    "to_number": ("rules: [{from: dog, to: 010}]", r"rule 0 `to` entry 0: 8 is not text; quote it"),
+    "to_bool": ("rules: [{from: dog, to: yes}]", r"rule 0 `to` entry 0: True is not text"),
+    "rule_unknown_key": ("rules: [{from: dog, to: cat, too: fox}]", r"rule 0: unknown key 'too'"),
+    "labels_unknown_key": ("labels: {names: [cat], target: [dog]}", r"`labels`: unknown key 'target'"),
+    "names_not_scalar": ("labels: {names: [cat, [dog]]}", r"labels.names` entry 1: must be text, got a list"),
+    "names_mapping_value": ("labels: {names: {0: cat, 1: {a: b}}}", r"labels.names` entry 1: must be text, got a mapping"),
+    "duplicate_yaml_key": ("rules: [{from: dog, from: cat, to: fox}]", r"line 1.*appears twice"),
+    "not_yaml": ("rules:\n  - from: dog\n    to: [cat\n", r"not valid YAML at line 4"),
+    "nothing": ("rules: []", r"no rules, labels or table"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_prompt_files_are_refused_at_load(tmp_path, name):
+    text, message = BAD_FILES[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{name}\.yaml.*{message}"):
+        PromptSpec.load(path)
+
+
+def test_targets_string_is_one_target(tmp_path):
+    (tmp_path / "p.yaml").write_text("labels: {names: [cat, dog], targets: fox}\n")
+    assert targets(PromptSpec.load(tmp_path / "p.yaml"), None, "0") == ["a photo of a fox"]  # not f, o, x
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    (tmp_path / "p.json").write_text('{"rules": [\n  {"from": "dog", "to": "cat"},\n]}')
+    with pytest.raises(ValueError, match=r"p\.json is not valid JSON.*line 3"):
+        PromptSpec.load(tmp_path / "p.json")
+
+
+@pytest.mark.parametrize("where", ["rules: [{from: dog, to: BOMB}]", "labels: {names: BOMB}"])
+def test_yaml_alias_bomb_is_refused_without_expanding(tmp_path, where):
+    # ~300 bytes whose last list expands to 9**7 (4.8 million) strings, a ~30 MB string if anything prints it
+    levels = ["&a [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdef", "bcdefg")]
+    path = tmp_path / "bomb.yaml"
+    path.write_text(where.replace("BOMB", "[" + ", ".join(levels) + "]") + "\n")
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"bomb\.yaml: .*entry 0: must be text, got a list of 9") as e:
+        PromptSpec.load(path)
+    assert len(str(e.value)) < 300 and time.time() - t0 < 5
+
+
+def test_entry_cap_and_file_size_cap(tmp_path, monkeypatch):
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps({"rules": [{"from": "dog", "to": ["cat"] * 100_001}]}))
+    with pytest.raises(ValueError, match=r"many\.json has more than 100000"):
+        PromptSpec.load(path)
+    monkeypatch.setattr(prompts, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"many\.json is \d+ bytes; at most 1000"):
+        PromptSpec.load(path)
+
+
+# Grammar: the article before a replaced word agrees with the new word.
+def test_rules_make_the_article_agree():
+    spec = PromptSpec.from_dict({"rules": [{"from": "astronaut", "to": "diver"}, {"from": "red", "to": "orange"},
+                                           {"from": "apple", "to": ["pear", "hour"]}, {"from": "cat", "to": "unicorn"}]})
+    assert targets(spec, "a photo of an astronaut") == ["a photo of a diver"]
+    assert targets(spec, "A red circle") == ["An orange circle"]
+    assert targets(spec, "A RED CIRCLE") == ["AN ORANGE CIRCLE"]
+    assert targets(spec, "an apple, a red hat") == ["an apple, an orange hat", "a pear, a red hat", "an hour, a red hat"]
+    assert targets(spec, "a cat and a red car") == ["a cat and an orange car", "a unicorn and a red car"]
+    labels = PromptSpec.from_dict({"labels": {"names": ["cat", "owl"]}})
+    assert targets(labels, None, "0") == ["a photo of an owl"]
+
+
+# Part of item 15: the digest covers what a YAML file points to.
+def test_digest_follows_the_table(tmp_path):
+    (tmp_path / "p.yaml").write_text("table: pairs.csv\n")
+    (tmp_path / "pairs.csv").write_text("key,source_prompt,target_prompt\na,x,y\n")
+    before = PromptSpec.load(tmp_path / "p.yaml").digest()
+    assert PromptSpec.load(tmp_path / "p.yaml").digest() == before and len(before) == 16
+    (tmp_path / "pairs.csv").write_text("key,source_prompt,target_prompt\na,x,z\n")
+    assert PromptSpec.load(tmp_path / "p.yaml").digest() != before
+    assert PromptSpec.from_dict(RULES).digest() != PromptSpec.default().digest()
