@@ -14,7 +14,7 @@ import hashlib
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"  # 2: sample_index and best (best-of-k, --samples-per-edit)
+SCHEMA_VERSION = "3"  # 2: sample_index and best (best-of-k); 3: edit ids and seeds include the shard
 STATUSES = ("ok", "error", "skipped")
 SCORE_COLUMNS = ("clip_source", "clip_target", "clip_directional", "clip_image", "lpips", "psnr_bg", "ssim_bg",
                  "psnr_fg", "ssim_fg")
@@ -22,7 +22,7 @@ SCORE_COLUMNS = ("clip_source", "clip_target", "clip_directional", "clip_image",
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # the sample's __key__ (never used as a path)
-        ("edit_id", pa.string()),  # stable id of (key, edit index, prompts[, sample index when k > 1])
+        ("edit_id", pa.string()),  # stable id of (shard, key, edit index, prompts[, sample index when k > 1])
         ("edit_index", pa.int32()),
         ("sample_index", pa.int32()),  # which of the edit's k samples (0..k-1); null for rows that are no edit
         ("shard", pa.string()),
@@ -47,13 +47,19 @@ SCHEMA = pa.schema(
 )
 
 
-def edit_id(key: str, edit_index: int, source_prompt: str, target_prompt: str, sample_index: int | None = None) -> str:
-    """Stable across runs and machines: the same sample and edit always get the same id.
+def sample_id(shard: str, key: str) -> str:
+    """A sample's identity in a job: its shard's canonical URL (``pipelines.inputs.canonical_shard``) and its
+    key. The same key in two shards is two samples; moving a shard gives its samples new identities."""
+    return f"{shard}\x1f{key}"
 
-    ``sample_index`` is given only when an edit has several samples (k > 1), so the ids of a one-sample
-    job are those of manifests written before best-of-k existed.
+
+def edit_id(shard: str, key: str, edit_index: int, source_prompt: str, target_prompt: str,
+            sample_index: int | None = None) -> str:
+    """Stable across runs and machines: the same sample (shard, key) and edit always get the same id.
+
+    ``sample_index`` is given only when an edit has several samples (k > 1).
     """
-    parts = [key, str(edit_index), source_prompt, target_prompt]
+    parts = [sample_id(shard, key), str(edit_index), source_prompt, target_prompt]
     text = "\x1f".join(parts if sample_index is None else [*parts, f"sample {int(sample_index)}"])
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 

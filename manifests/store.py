@@ -3,12 +3,23 @@
 Exactly once: rows are committed in parts, each written under a temporary name and renamed into place
 (an atomic rename on one filesystem). The committed set is the union of the parts' ``edit_id``s; a rerun
 skips those and recomputes the rest, and leftover temporary files of a killed run are removed.
+
+One job at a time: ``begin`` takes an exclusive ``flock`` on ``OUT/.lock`` and holds it until ``close``;
+the kernel releases it when the process ends, however it ends, so a killed job never leaves it stuck.
+
+Retrying errors: ``begin(retry_errors=True)`` un-commits every edit that has an ``error`` row, by rewriting
+each part that holds one without that edit's rows (written aside, then renamed over the part: atomic). Those
+edits are then no longer committed, so the job computes them again; a kill in between only means they are
+computed by the next run instead.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 import shutil
 import uuid
 from pathlib import Path
@@ -29,6 +40,10 @@ class ParameterMismatch(RuntimeError):
     pass
 
 
+class OutputLocked(RuntimeError):
+    pass
+
+
 class OutputStore:
     def __init__(self, out: str | Path):
         if "://" in str(out):
@@ -39,36 +54,68 @@ class OutputStore:
         self.out = Path(out)
         self.parts = self.out / "manifest"
         self.run_json = self.out / "run.json"
+        self._lock = None
 
     # -- run.json --------------------------------------------------------------------------------
     def read_run(self) -> dict | None:
-        return json.loads(self.run_json.read_text()) if self.run_json.is_file() else None
+        if not self.run_json.is_file():
+            return None
+        try:
+            run = json.loads(self.run_json.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.run_json} is not valid JSON ({exc}); pass --overwrite to delete this job "
+                             "and start again, or repair the file") from exc
+        if not isinstance(run, dict):
+            raise ValueError(f"{self.run_json} does not hold a diffedit run record; pass --overwrite to start again")
+        return run
 
-    def begin(self, run: dict, overwrite: bool = False) -> None:
-        """Start or resume a job; refuse changed parameters on an existing OUT unless ``overwrite``."""
-        previous = self.read_run()
-        if previous is not None and overwrite:
+    def lock(self) -> None:
+        """Take ``OUT/.lock`` for this process, or raise OutputLocked naming the job that holds it."""
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--output {self.out} exists and is not a folder")
+        self.out.mkdir(parents=True, exist_ok=True)
+        f = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise OutputLocked(f"{self.out} is in use by another diffedit job ({holder}); wait for it to end or use "
+                               "another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        self._lock = f
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
+
+    def begin(self, run: dict, overwrite: bool = False, retry_errors: bool = True) -> int:
+        """Start or resume a job; refuse changed parameters on an existing OUT unless ``overwrite``.
+        Takes the lock. Returns the number of edits un-committed for a retry (``retry_errors``)."""
+        if self._lock is None:
+            self.lock()
+        if overwrite:
             shutil.rmtree(self.parts, ignore_errors=True)
-            self.run_json.unlink()
-            previous = None
-        if previous is not None and previous.get("schema_version") != run.get("schema_version"):
+            self.run_json.unlink(missing_ok=True)
+        previous = self.read_run()
+        if previous is None and self.part_files():
             raise ParameterMismatch(
-                f"{self.out} holds a manifest of schema version {previous.get('schema_version')}, written by another "
-                f"version of diffedit; this one writes version {run.get('schema_version')} and cannot add to it. Its "
-                "rows stay readable with pandas; use another --output, or pass --overwrite to delete it and start again."
-            )
+                f"{self.parts} holds {len(self.part_files())} committed part(s) but {self.run_json} is missing, so "
+                "their parameters cannot be checked; pass --overwrite to delete them and start again, or use another "
+                "--output")
         if previous is not None:
-            changed = [k for k in IDENTITY_KEYS if previous.get(k) != run.get(k)]
-            if changed:
-                detail = "; ".join(f"{k}: {previous.get(k)!r} -> {run.get(k)!r}" for k in changed)
-                raise ParameterMismatch(
-                    f"{self.out} holds a job with other parameters ({detail}). Rerun with the same parameters to "
-                    "resume it, use another --output, or pass --overwrite to delete it and start again."
-                )
+            check_same_job(self.out, previous, run)
         self.parts.mkdir(parents=True, exist_ok=True)
         for stale in self.parts.glob(".tmp-*"):
             stale.unlink()  # a part a killed run was writing: never committed, so recomputed
+        retried = self.uncommit_errors() if retry_errors else 0
         self.write_run({**(previous or {}), **run, "completed": False})
+        return retried
 
     def write_run(self, run: dict) -> None:
         tmp = self.out / f".tmp-run-{uuid.uuid4().hex}.json"
@@ -98,6 +145,30 @@ class OutputStore:
         os.replace(tmp, self.parts / name)
         return self.parts / name
 
+    def uncommit_errors(self) -> int:
+        """Remove every edit (all rows of its shard, key and edit index) that has an error row; returns how many."""
+        removed = 0
+        for f in self.part_files():
+            table = pq.read_table(f)
+            if "error" not in table.column("status").to_pylist():
+                continue
+            rows = table.select(["shard", "key", "edit_index", "status"]).to_pylist()
+            failed = {(r["shard"], r["key"], r["edit_index"]) for r in rows if r["status"] == "error"}
+            keep = [(r["shard"], r["key"], r["edit_index"]) not in failed for r in rows]
+            removed += len(failed)
+            self._replace_part(f, table.filter(pa.array(keep)))
+        return removed
+
+    def _replace_part(self, part: Path, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            part.unlink()
+            return
+        tmp = self.parts / f".tmp-{part.name}.partial"
+        pq.write_table(table.replace_schema_metadata(pq.read_schema(part).metadata), tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, part)
+
     def read(self, columns: list[str] | None = None) -> pa.Table:
         files = self.part_files()
         if not files:
@@ -105,8 +176,25 @@ class OutputStore:
         return pads.dataset([str(f) for f in files], format="parquet", schema=SCHEMA).to_table(columns=columns)
 
 
+def check_same_job(out: Path, previous: dict, run: dict) -> None:
+    """Refuse to add rows of other parameters (or another schema version) to the job in ``out``."""
+    if previous.get("schema_version") != run.get("schema_version"):
+        raise ParameterMismatch(
+            f"{out} holds a manifest of schema version {previous.get('schema_version')}, written by another "
+            f"version of diffedit; this one writes version {run.get('schema_version')} and cannot add to it. Its "
+            "rows stay readable with pandas; use another --output, or pass --overwrite to delete it and start again."
+        )
+    changed = [k for k in IDENTITY_KEYS if previous.get(k) != run.get(k)]
+    if changed:
+        detail = "; ".join(f"{k}: {previous.get(k)!r} -> {run.get(k)!r}" for k in changed)
+        raise ParameterMismatch(
+            f"{out} holds a job with other parameters ({detail}). Rerun with the same parameters to "
+            "resume it, use another --output, or pass --overwrite to delete it and start again."
+        )
+
+
 def schema_version(part: str | Path) -> str:
     return pq.read_schema(part).metadata[b"diffedit.schema_version"].decode()
 
 
-__all__ = ["OutputStore", "ParameterMismatch", "SCHEMA_VERSION", "schema_version"]
+__all__ = ["OutputLocked", "OutputStore", "ParameterMismatch", "SCHEMA_VERSION", "schema_version"]

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from ..manifests.schema import edit_id, empty_row, to_table
-from .inputs import open_image, sample_from_row
+from ..manifests.schema import edit_id, empty_row, sample_id, to_table
+from .inputs import open_image, sample_from_raw
 from .prompts import PromptSpec
 
 
@@ -46,44 +47,68 @@ def committed_edits(ref) -> frozenset:
     return _COMMITTED[key]
 
 
+SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("image", pa.binary()),
+                           ("caption", pa.string()), ("label", pa.string()), ("mask", pa.binary()),
+                           ("error", pa.string())])
+SAMPLES_PER_YIELD = 32  # Ray Data merges what a task yields into blocks of up to its target block size (128 MiB)
+
+
+def read_samples(batch: pa.Table, caption_field: str, max_member_bytes: int, board=None):
+    """``map_batches`` generator: shard URLs -> their samples (SAMPLE_SCHEMA), every problem an ``error``.
+    A shard streams out: it is never held whole in memory."""
+    from .progress import report
+    from .shards import iter_shard
+
+    for shard in batch.column("shard").to_pylist():
+        rows, n = [], 0
+        for raw in iter_shard(shard, max_member_bytes):
+            rows.append(asdict(sample_from_raw(raw, shard, caption_field)))
+            n += 1
+            if len(rows) == SAMPLES_PER_YIELD:
+                yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+        report(board, "shard_read", n)
+
+
 def edit_samples(row: dict, seed: int, k: int) -> list[dict]:
     """The k samples of one edit: sample index, own seed and edit_id. With k = 1, the edit's own seed and id."""
     from ..stages.randomness import edit_seed
 
-    key, i, prompts = row["key"], row["edit_index"], (row["source_prompt"] or "", row["target_prompt"] or "")
-    return [dict(sample_index=s, seed=edit_seed(seed, key, i, s), edit_id=edit_id(key, i, *prompts, s if k > 1 else None))
-            for s in range(k)]
+    shard, key, i = row["shard"], row["key"], row["edit_index"]
+    prompts = (row["source_prompt"] or "", row["target_prompt"] or "")
+    return [dict(sample_index=s, seed=edit_seed(seed, sample_id(shard, key), i, s),
+                 edit_id=edit_id(shard, key, i, *prompts, s if k > 1 else None)) for s in range(k)]
 
 
-def expand_sample(row: dict, options: ExpandOptions, committed: frozenset) -> list[dict]:
-    """One sample -> one row per edit (status pending; the actor makes its k samples), or one skipped/error
-    row; committed edits dropped (an edit's samples are committed together, so one committed id is enough)."""
-    sample = sample_from_row(row, options.caption_field)
-    base = dict(key=sample.key, shard=sample.shard)
-    if sample.error:
-        rows = [empty_row(**base, edit_index=0, status="error", error=sample.error, source_prompt=sample.caption)]
+def expand_sample(sample: dict, options: ExpandOptions, committed: frozenset) -> list[dict]:
+    """One sample (SAMPLE_SCHEMA) -> one row per edit (status pending; the actor makes its k samples), or one
+    skipped/error row; committed edits dropped (an edit's samples are committed together, so one committed id
+    is enough)."""
+    base = dict(key=sample["key"], shard=sample["shard"], _image=None, _mask=None)
+    if sample["error"]:
+        rows = [empty_row(**base, edit_index=0, status="error", error=sample["error"], source_prompt=sample["caption"])]
     else:
-        edits = options.prompts.edits(sample.key, sample.caption, sample.label)
+        edits = options.prompts.edits(sample["key"], sample["caption"], sample["label"])
         if not edits:
-            reason = "no caption or label" if not sample.caption and sample.label is None else "no prompt rule matches"
-            rows = [empty_row(**base, edit_index=0, status="skipped", error=reason, source_prompt=sample.caption)]
+            reason = options.prompts.skip_reason(sample["key"], sample["caption"], sample["label"])
+            rows = [empty_row(**base, edit_index=0, status="skipped", error=reason, source_prompt=sample["caption"])]
         else:
             rows = [
-                empty_row(**base, edit_index=i, status="pending", source_prompt=e.source_prompt,
-                          target_prompt=e.target_prompt, _image=sample.image, _mask=sample.mask)
+                empty_row(**{**base, "_image": sample["image"], "_mask": sample["mask"]}, edit_index=i,
+                          status="pending", source_prompt=e.source_prompt, target_prompt=e.target_prompt)
                 for i, e in enumerate(edits)
             ]
     kept = []
     for r in rows:
-        r.setdefault("_image", None)
-        r.setdefault("_mask", None)
         if r["status"] == "pending":
             samples = edit_samples(r, options.seed, options.samples_per_edit)
             r.update(samples[0])
             if not any(s["edit_id"] in committed for s in samples):
                 kept.append(r)
         else:
-            r["edit_id"] = edit_id(r["key"], r["edit_index"], r["source_prompt"] or "", r["target_prompt"] or "")
+            r["edit_id"] = edit_id(r["shard"], r["key"], r["edit_index"], r["source_prompt"] or "", "")
             if r["edit_id"] not in committed:
                 kept.append(r)
     return kept
@@ -104,6 +129,7 @@ class ActorOptions:
     scores: dict | None = None  # ScoreConfig fields; None: no scoring
     seed: int = 0  # the job's seed: each sample of an edit gets its own from it (stages/randomness.py)
     samples_per_edit: int = 1
+    board: object = None  # the job's ProgressBoard (pipelines/progress.py), told when the model is ready
 
 
 def encode_image(image: Image.Image, fmt: str) -> bytes:
@@ -127,17 +153,22 @@ class EditActor:
         from ..stages.config import EditConfig
         from ..stages.model import load_model
 
+        from .progress import report
+
+        t0 = time.time()
         self.options = options
         self._device = threading.Lock()  # one batch at a time on the model (and the scorer)
         self.model = load_model(options.model, device=options.device, dtype=options.dtype)
         if options.compile:
-            self.model.compile()
+            self.model.compile()  # lazy: the first batch of each shape compiles
         self.config = EditConfig.from_flat(options.edit or {})
         self.scorer = None
         if options.scores is not None:
             from ..stages.scores import ScoreConfig, Scorer
 
             self.scorer = Scorer(ScoreConfig(**{**options.scores, "device": str(self.model.device)}))
+        report(options.board, "actor_ready", f"model loaded on {self.model.device} in {time.time() - t0:.0f} s"
+               + (", compiling at its first batch" if options.compile else ""))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []

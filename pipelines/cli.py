@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 
 EDIT_OPTIONS = [
@@ -64,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-format", default="png", choices=["png", "jpeg"], help="format of the edited images")
     run.add_argument("--save-latents", action="store_true", help="store the edited latents in the manifest")
     run.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
+    run.add_argument("--max-member-bytes", type=int, default=256 * 2**20,
+                     help="refuse tar members larger than this, before reading them (default 256 MiB)")
+    run.add_argument("--retry-errors", action=argparse.BooleanOptionalAction, default=True,
+                     help="a rerun edits again the edits that have error rows (default; --no-retry-errors keeps them)")
+    run.add_argument("--verbose", "-v", action="store_true", help="show Ray's own log lines (hidden by default)")
+    run.add_argument("--progress-seconds", type=float,
+                     help="seconds between progress lines on stderr (default: 1, rewritten in place, on a terminal; 15 in a log)")
     run.add_argument("--max-batch", type=int, default=64, help="cap on one UNet call's batch (bounds GPU memory)")
     run.add_argument("--no-scores", dest="scores", action="store_false",
                      help="skip the quality scores (CLIP, directional CLIP, LPIPS, background PSNR/SSIM)")
@@ -81,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="kept edits as WebDataset shards for training")
     ex.add_argument("output")
     ex.add_argument("--to", required=True, help="folder for the shards")
-    ex.add_argument("--where", help='pandas filter, e.g. "clip_directional >= 0.2 and clip_image >= 0.7" or "best and ..."')
+    ex.add_argument("--where", help='filter over the manifest\'s columns (README: Export filters), e.g. '
+                                         '"clip_directional >= 0.2 and clip_image >= 0.7" or "best and ..."')
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace a previous export in --to (its edits-*.tar and export.json; never other files)")
     ex.add_argument("--best-only", action="store_true",
                     help="only the best sample of each edit (--samples-per-edit K > 1); default: every ok row")
     ex.set_defaults(func=_export)
@@ -123,7 +135,7 @@ def _status(args) -> int:
 def _export(args) -> int:
     from ..manifests.export import export
 
-    print(json.dumps(export(args.output, args.to, args.where, best_only=args.best_only)))
+    print(json.dumps(export(args.output, args.to, args.where, best_only=args.best_only, overwrite=args.overwrite)))
     return 0
 
 
@@ -134,12 +146,43 @@ def _gallery(args) -> int:
     return 0
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray's wrappers (RayTaskError, UserCodeException)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException) or type(exc).__module__.split(".")[0] != "ray":
+            break
+        exc = inner
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line (Ray wraps worker errors in many lines)."""
+    exc = _root_cause(exc)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip() or type(exc).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else text
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in first:
+        first += f": {exc.filename}"
+    return first if isinstance(exc, (FileNotFoundError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {first}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"diffedit {args.command}: error: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # `diffedit status OUT | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print(f"diffedit {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every failure a user can cause: one line, non-zero exit
+        if os.environ.get("DIFFEDIT_TRACEBACK"):
+            raise
+        print(f"diffedit {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

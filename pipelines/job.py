@@ -1,6 +1,6 @@
 """The job: WebDataset shards -> prompt pairs -> DiffEdit actors -> committed Parquet parts.
 
-    read_webdataset(decoder=None)                one row per sample, raw member bytes
+    from_items(shards).map_batches(read_samples) one row per sample (pipelines/shards.py: every problem an error)
       .limit(N)                                  --limit
       .flat_map(expand_sample)                   CPU: caption -> edits; committed edits dropped (resume)
       .map_batches(EditActor, GPU actor pool)    decode, k samples per edit: mask -> encode -> decode, PNG/JPEG
@@ -22,9 +22,12 @@ from pathlib import Path
 from ..manifests.best import DEFAULT_BEST_BY, NO_SCORE_RULE, check_best_by, complete_groups, mark_best
 from ..manifests.schema import SCHEMA_VERSION
 from ..manifests.store import OutputStore
-from .actor import CALLS_IN_FLIGHT, ActorOptions, EditActor, ExpandOptions, committed_edits, expand_sample
-from .inputs import DEFAULT_MAX_PIXELS, check_local_shard, expand_inputs
+from .actor import (CALLS_IN_FLIGHT, ActorOptions, EditActor, ExpandOptions, committed_edits, expand_sample,
+                    read_samples)
+from .inputs import DEFAULT_MAX_PIXELS, expand_inputs
+from .progress import ProgressBoard, ProgressLine, quiet_ray
 from .prompts import PromptSpec
+from .shards import DEFAULT_MAX_MEMBER_BYTES
 
 
 @dataclass
@@ -50,6 +53,9 @@ class JobOptions:
     image_format: str = "png"
     save_latents: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger tar members are refused before they are read
+    retry_errors: bool = True  # a rerun computes again the edits that have error rows (manifests/store.py)
+    verbose: bool = False  # Ray's own logs on the terminal
     max_batch: int | None = 64  # UNet micro-batch cap: bounds GPU memory (docs/BENCHMARKS.md)
     compile: bool = False
     calls_in_flight: int | None = None  # EditActor calls at once per actor; None: 2 on GPUs (CALLS_IN_FLIGHT), 1 on CPU
@@ -58,7 +64,7 @@ class JobOptions:
     clip_weights: str | None = None
     lpips_weights: str | None = None
     rows_per_part: int = 256
-    progress_seconds: float = 5.0
+    progress_seconds: float | None = None  # between progress lines (default: 1 s on a terminal, 15 s in a log)
 
 
 def _versions() -> dict:
@@ -73,11 +79,11 @@ def _versions() -> dict:
     return out
 
 
-def _init_ray(address: str | None):
+def _init_ray(address: str | None, verbose: bool = False):
     import ray
 
     if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        kwargs = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
         ray.init(address=address, **kwargs) if address else ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -85,29 +91,37 @@ def _init_ray(address: str | None):
     return ray
 
 
-def run_job(o: JobOptions, log=print) -> dict:
-    """Run (or resume) the job; returns the summary it prints."""
+@dataclass
+class Plan:
+    """What the driver settles before any work: the shards, prompts, parameters and the run record."""
+    shards: list[str]
+    spec: PromptSpec
+    config: object  # stages.config.EditConfig
+    model_path: str
+    score_options: dict | None
+    run: dict
+
+
+def plan_job(o: JobOptions, log) -> Plan:
+    """Inputs, prompts and parameters, checked on the driver before any work starts (no weights loaded)."""
     from ..stages.config import EditConfig
     from ..stages.editor import SHIPPED_MODEL
     from ..stages.model import describe_model
 
-    t0 = time.time()
-    # 1. Inputs, prompts and parameters, checked on the driver before any work starts.
     model_path = o.model or str(SHIPPED_MODEL)
     if o.model is None and not SHIPPED_MODEL.is_dir():
         raise FileNotFoundError(f"The shipped model is missing at {SHIPPED_MODEL}; pass --model.")
     shards = expand_inputs(o.inputs)
-    bad = {s: why for s in shards if (why := check_local_shard(s))}
-    good = [s for s in shards if s not in bad]
     spec = PromptSpec.load(o.prompts)
     probe = describe_model(model_path)  # recommended defaults + fingerprint, without loading weights
     config = EditConfig.from_flat(probe["recommended"], **o.edit)
     k = o.samples_per_edit
     if k < 1:
         raise ValueError(f"`--samples-per-edit` must be >= 1 but is {k}.")
+    if o.calls_in_flight is not None and o.calls_in_flight < 1:
+        raise ValueError(f"`calls_in_flight` must be at least 1 but is {o.calls_in_flight}.")
     better = check_best_by(o.best_by)
-    score_options = None
-    scores_described = None
+    score_options, scores_described = None, None
     if o.scores:
         from ..stages.scores import ScoreConfig, Scorer
 
@@ -119,10 +133,9 @@ def run_job(o: JobOptions, log=print) -> dict:
         why = "--no-scores" if not o.scores else scores_described["unavailable"][o.best_by]
         raise ValueError(f"--samples-per-edit {k} picks the best sample by {o.best_by}, which will be null ({why}); "
                          "pass another --best-by, or make the score available.")
-    prompts_digest = hashlib.sha256(Path(o.prompts).read_bytes()).hexdigest()[:16] if o.prompts else "default"
     run = dict(
         edit=config.flat(), seed=o.seed, model=probe["source"], model_fingerprint=probe["fingerprint"],
-        model_recommended=probe["recommended"], image_format=o.image_format, prompts=prompts_digest,
+        model_recommended=probe["recommended"], image_format=o.image_format, prompts=spec.digest(),
         caption_field=o.caption_field, save_latents=o.save_latents, resolution=probe["resolution"],
         inputs=o.inputs, shards=len(shards), versions=_versions(),
         shards_digest=hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16], scores=scores_described,
@@ -130,116 +143,151 @@ def run_job(o: JobOptions, log=print) -> dict:
         best_rule=f"{better} {o.best_by} is better (ties: the lowest sample_index); {NO_SCORE_RULE}",
         options={n: v for n, v in asdict(o).items() if n not in ("edit", "inputs", "samples_per_edit", "best_by")},
     )
-    store = OutputStore(o.output)
-    previous = None if o.overwrite else store.read_run()
-    store.begin(run, overwrite=o.overwrite)
-    # A completed run of the same shards (the expanded list: a glob may match new shards since) has nothing left.
-    already_done = bool(previous and previous.get("completed") and previous.get("shards_digest") == run["shards_digest"]
-                        and previous.get("options", {}).get("limit") == o.limit)
-    committed = frozenset(store.committed_ids())
-    log(f"diffedit run: {len(shards)} shard(s), {len(committed)} edit(s) already committed in {o.output}")
+    return Plan(shards, spec, config, model_path, score_options, run)
 
-    counts: Counter = Counter()
-    new_rows = 0
-    unscored_groups = 0
 
-    def commit_whole_groups(rows: list[dict]) -> list[dict]:
-        """Commit rows of no edit and edits with all k samples, their best marked; return the other rows."""
-        nonlocal unscored_groups
-        ready, held = complete_groups(rows, k)
+def _resources(ray, o: JobOptions) -> tuple[int, dict, int]:
+    """(actors, per-actor resources, calls in flight per actor) for this cluster."""
+    # GPU actors when the cluster has GPUs, or when --num-gpus asks for them: an autoscaling cluster may have
+    # no GPU node yet, and GPU actors are what make it start some.
+    gpus = ray.cluster_resources().get("GPU", 0) if o.device != "cpu" else 0
+    gpus = gpus or (o.num_gpus * o.gpus_per_actor if o.num_gpus and o.device != "cpu" else 0)
+    if not gpus:
+        return o.cpu_actors, dict(num_cpus=1), o.calls_in_flight or 1
+    actors = o.num_gpus or max(1, int(gpus // o.gpus_per_actor))
+    return actors, dict(num_gpus=o.gpus_per_actor), o.calls_in_flight or CALLS_IN_FLIGHT
+
+
+def build_chain(ray, o: JobOptions, plan: Plan, committed: frozenset, board, actors: int, resources: dict, calls: int):
+    """shards -> samples (read tasks) -> limit -> edits (prompt pairs, committed dropped) -> edited rows (actors)."""
+    k = o.samples_per_edit
+    actor_options = ActorOptions(
+        model=plan.model_path, device=o.device, dtype=o.dtype, edit=plan.config.flat(), image_format=o.image_format,
+        save_latents=o.save_latents, max_pixels=o.max_pixels, max_batch=o.max_batch, compile=o.compile,
+        pad_batches_to=o.batch_size * k if o.compile else None, scores=plan.score_options, seed=o.seed,
+        samples_per_edit=k, board=board,
+    )
+    expand_options = ExpandOptions(plan.spec, o.caption_field, o.seed, k)
+    committed_ref = ray.put(committed)
+
+    def expand(row, committed_ref=committed_ref):
+        return expand_sample(row, expand_options, committed_edits(committed_ref))
+
+    ds = ray.data.from_items([{"shard": s} for s in plan.shards], override_num_blocks=len(plan.shards))
+    ds = ds.map_batches(read_samples, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs=dict(caption_field=o.caption_field, max_member_bytes=o.max_member_bytes, board=board))
+    if o.limit is not None:
+        ds = ds.limit(o.limit)
+    # Blocks of one batch of edits: an actor task is then one batch, and its rows reach the driver when it ends, so
+    # commits, progress and the spread over actors stay fine-grained (a read task yields a whole shard's block).
+    ds = ds.flat_map(expand).repartition(target_num_rows_per_block=o.batch_size)
+    return ds.map_batches(
+        EditActor, fn_constructor_args=(actor_options,), batch_size=o.batch_size, batch_format="pyarrow",
+        # On GPUs, two calls per actor at once: one batch's CPU work (image decode, PNG encode) overlaps another's
+        # GPU work; EditActor runs the model one batch at a time. On CPU there is no separate device to overlap.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
+                                           enable_true_multi_threading=calls > 1),
+        **resources,
+    )
+
+
+class Committer:
+    """The driver's side of the stream: counts rows, marks best of k, commits whole edits in parts."""
+
+    def __init__(self, store: OutputStore, o: JobOptions, progress: ProgressLine):
+        self.store, self.o, self.progress = store, o, progress
+        self.counts: Counter = Counter()
+        self.unscored_groups = 0
+        self.buffer: list[dict] = []
+        self.last_flush = time.time()
+        self.samples: set = set()
+
+    def add(self, rows: list[dict]) -> None:
+        self.buffer += rows
+        self.counts.update(r["status"] for r in rows)
+        self.samples.update((r["shard"], r["key"]) for r in rows)
+        self.progress.samples_done, self.progress.ok = len(self.samples), self.counts["ok"]
+        self.progress.rows_done = sum(self.counts.values())
+        if len(self.buffer) >= self.o.rows_per_part or time.time() - self.last_flush > 30:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit rows of no edit and edits with all k samples, their best marked; keep the other rows."""
+        ready, self.buffer = complete_groups(self.buffer, self.o.samples_per_edit)
         if ready:
-            unscored_groups += mark_best(ready, o.best_by)
-            store.commit(ready)
-        return held
+            self.unscored_groups += mark_best(ready, self.o.best_by)
+            self.store.commit(ready)
+        self.last_flush = time.time()
 
-    # 2. Unreadable shards: one error row each, so they show in the manifest and in `status`.
-    from ..manifests.schema import edit_id, empty_row
+    def close(self) -> None:
+        self.flush()
+        if self.buffer:
+            raise RuntimeError(f"some edits came back from the actors without all {self.o.samples_per_edit} samples: "
+                               "not committed; rerun the same command to edit them again")
 
-    shard_rows = []
-    for shard, why in bad.items():
-        row = empty_row(key=f"<shard {Path(shard).name}>", shard=shard, edit_index=0, status="error", error=why)
-        row["edit_id"] = edit_id(row["key"], 0, shard, "")
-        if row["edit_id"] not in committed:
-            shard_rows.append(row)
-        log(f"warning: {why}")
-    if shard_rows:
-        commit_whole_groups(shard_rows)
-        counts.update(r["status"] for r in shard_rows)
 
-    # 3. The Ray Data chain.
-    if already_done:
-        log("nothing left to edit: the last run of this command completed")
-    elif good:
-        ray = _init_ray(o.address)
-        # GPU actors when the cluster has GPUs, or when --num-gpus asks for them: an autoscaling cluster
-        # may have no GPU node yet, and GPU actors are what make it start some.
-        gpus = ray.cluster_resources().get("GPU", 0) if o.device != "cpu" else 0
-        gpus = gpus or (o.num_gpus * o.gpus_per_actor if o.num_gpus and o.device != "cpu" else 0)
-        if gpus:
-            actors = o.num_gpus or max(1, int(gpus // o.gpus_per_actor))
-            resources = dict(num_gpus=o.gpus_per_actor)
-        else:
-            actors, resources = o.cpu_actors, dict(num_cpus=1)
-        actor_options = ActorOptions(
-            model=model_path, device=o.device, dtype=o.dtype, edit=config.flat(), image_format=o.image_format,
-            save_latents=o.save_latents, max_pixels=o.max_pixels, max_batch=o.max_batch, compile=o.compile,
-            pad_batches_to=o.batch_size * k if o.compile else None, scores=score_options, seed=o.seed,
-            samples_per_edit=k,
-        )
-        calls = o.calls_in_flight if o.calls_in_flight is not None else CALLS_IN_FLIGHT if gpus else 1
-        if calls < 1:
-            raise ValueError(f"`calls_in_flight` must be at least 1 but is {calls}.")
-        expand_options = ExpandOptions(spec, o.caption_field, o.seed, k)
-        committed_ref = ray.put(committed)
+def stream(ray, o: JobOptions, plan: Plan, store: OutputStore, committer: Committer, log) -> None:
+    """Run the Ray chain and commit what it yields."""
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote(len(plan.shards))
+    committer.progress.board = board
+    actors, resources, calls = _resources(ray, o)
+    committer.progress.actors = actors
+    ds = build_chain(ray, o, plan, frozenset(store.committed_ids()), board, actors, resources, calls)
+    k = o.samples_per_edit
+    log(f"editing with {actors} actor(s) ({'GPU x %g each' % resources['num_gpus'] if 'num_gpus' in resources else 'CPU'}), "
+        f"batch size {o.batch_size}" + (f" edits x {k} samples" if k > 1 else ""))
+    committer.progress.phase = "loading the model" + (" and compiling" if o.compile else "")
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            committer.progress.phase = "editing"
+            committer.add(batch.to_pylist())
+    except Exception as exc:
+        # Ray Data cancels an actor pool that is still starting when no row reaches it (every edit
+        # already committed) and reports that as an actor death: nothing was left to do.
+        if committer.counts or "never ran" not in str(exc):
+            raise
+        log("nothing left to edit: every edit of these shards is committed")
+    committer.close()
 
-        def expand(row, committed_ref=committed_ref):
-            return expand_sample(row, expand_options, committed_edits(committed_ref))
 
-        ds = ray.data.read_webdataset(good, decoder=None)
-        if o.limit is not None:
-            ds = ds.limit(o.limit)
-        ds = ds.flat_map(expand).map_batches(
-            EditActor, fn_constructor_args=(actor_options,), batch_size=o.batch_size, batch_format="pyarrow",
-            # On GPUs, two calls per actor at once: one batch's CPU work (image decode, PNG encode) overlaps another's
-            # GPU work; EditActor runs the model one batch at a time. On CPU there is no separate device to overlap.
-            compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
-                                               enable_true_multi_threading=calls > 1),
-            **resources,
-        )
-        log(f"editing with {actors} actor(s) ({'GPU x %g each' % o.gpus_per_actor if gpus else 'CPU'}), "
-            f"batch size {o.batch_size}" + (f" edits x {k} samples" if k > 1 else ""))
-        buffer: list[dict] = []
-        last_flush = last_log = time.time()
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                rows = batch.to_pylist()
-                buffer += rows
-                counts.update(r["status"] for r in rows)
-                new_rows += len(rows)
-                now = time.time()
-                if len(buffer) >= o.rows_per_part or now - last_flush > 30:
-                    buffer, last_flush = commit_whole_groups(buffer), now
-                if now - last_log >= o.progress_seconds:
-                    rate = counts["ok"] / max(now - t0, 1e-9)
-                    log(f"  {new_rows} rows ({dict(counts)}), {rate:.2f} edits/s")
-                    last_log = now
-        except Exception as exc:
-            # Ray Data cancels an actor pool that is still starting when no row reaches it (every edit
-            # already committed) and reports that as an actor death: nothing was left to do.
-            if new_rows or "never ran" not in str(exc):
-                raise
-            log("nothing left to edit: every edit of these shards is committed")
-        if buffer and commit_whole_groups(buffer):
-            raise RuntimeError(f"some edits came back from the actors without all {k} samples: not committed; "
-                               "rerun the same command to edit them again")
+def run_job(o: JobOptions, log=print) -> dict:
+    """Run (or resume) the job; returns the summary it prints."""
+    t0 = time.time()
+    store = OutputStore(o.output)
+    store.lock()  # first: a busy or unusable --output is refused before anything is loaded
+    try:
+        plan = plan_job(o, log)
+        previous = None if o.overwrite else store.read_run()
+        retried = store.begin(plan.run, overwrite=o.overwrite, retry_errors=o.retry_errors)
+        # A completed run of the same shards (the expanded list: a glob may match new shards since) with no error
+        # to retry has nothing left.
+        already_done = bool(previous and previous.get("completed") and not retried
+                            and previous.get("shards_digest") == plan.run["shards_digest"]
+                            and previous.get("options", {}).get("limit") == o.limit)
+        log(f"diffedit run: {len(plan.shards)} shard(s), {len(store.committed_ids())} edit(s) already committed in "
+            f"{o.output}" + (f", {retried} edit(s) with errors to retry" if retried else ""))
+        tty = sys.stderr.isatty()
+        with quiet_ray(o.verbose), ProgressLine(limit=o.limit, interval=o.progress_seconds, tty=tty) as progress:
+            committer = Committer(store, o, progress)
+            if already_done:
+                log("nothing left to edit: the last run of this command completed")
+            else:
+                progress.phase = "starting Ray"
+                stream(_init_ray(o.address, o.verbose), o, plan, store, committer, log)
+        summary = _summary(store, committer, o, time.time() - t0)
+        store.finish(summary)
+    finally:
+        store.close()
+    log("done: " + json.dumps(summary))
+    return summary
 
-    seconds = time.time() - t0
+
+def _summary(store: OutputStore, committer: Committer, o: JobOptions, seconds: float) -> dict:
     total = Counter(store.read(columns=["status"]).column("status").to_pylist())
-    summary = dict(new_rows=new_rows + len(shard_rows), new_by_status=dict(counts), total_by_status=dict(total),
+    counts = committer.counts
+    summary = dict(new_rows=sum(counts.values()), new_by_status=dict(counts), total_by_status=dict(total),
                    seconds=round(seconds, 2), edits_per_s=round(counts["ok"] / max(seconds, 1e-9), 3),
                    output=str(Path(o.output).resolve()))
-    if k > 1:  # edits whose best sample could not be chosen by the score (run.json's best_rule says which)
-        summary["new_edits_best_without_score"] = unscored_groups
-    store.finish(summary)
-    log("done: " + json.dumps(summary))
+    if o.samples_per_edit > 1:  # edits whose best sample could not be chosen by the score (run.json's best_rule)
+        summary["new_edits_best_without_score"] = committer.unscored_groups
     return summary

@@ -101,23 +101,23 @@ def test_k_samples_per_edit_and_exactly_one_best(k3):
     skipped = df[df.status == "skipped"].iloc[0]
     assert not skipped.best and pd.isna(skipped.sample_index)
     assert_whole_groups(out, K)
-    assert schema_version(next((Path(out) / "manifest").glob("part-*.parquet"))) == "2"
+    assert schema_version(next((Path(out) / "manifest").glob("part-*.parquet"))) == "3"
     run = OutputStore(out).read_run()
     assert (run["samples_per_edit"], run["best_by"]) == (K, "clip_directional")
     assert "higher clip_directional is better" in run["best_rule"] and "sample 0" in run["best_rule"]
 
 
-def test_one_sample_per_edit_keeps_the_ids_seeds_and_edits_of_before(k3, shards, tiny_model_dir, tmp_path):
+def test_one_sample_per_edit_has_the_documented_ids_and_seeds_and_sample_0s_edit(k3, shards, tiny_model_dir, tmp_path):
     out3, _ = k3
     out1 = tmp_path / "k1"
     job(shards, out1, tiny_model_dir)
     one = read(out1)
     ok = one[one.status == "ok"]
     assert len(ok) == 6 and ok.best.all() and (ok.sample_index == 0).all()
-    for row in ok.itertuples():  # the formulas of schema version 1, written out here independently
-        text = "\x1f".join([row.key, str(row.edit_index), row.source_prompt, row.target_prompt])
+    for row in ok.itertuples():  # the formulas of schema version 3, written out here independently
+        text = "\x1f".join([row.shard, row.key, str(row.edit_index), row.source_prompt, row.target_prompt])
         assert row.edit_id == hashlib.sha1(text.encode()).hexdigest()[:20]
-        digest = hashlib.blake2b(f"0\x1f{row.key}\x1f{row.edit_index}".encode(), digest_size=8).digest()
+        digest = hashlib.blake2b(f"0\x1f{row.shard}\x1f{row.key}\x1f{row.edit_index}".encode(), digest_size=8).digest()
         assert row.seed == int.from_bytes(digest, "little") & (2**63 - 1)
     # Sample 0 of the k = 3 job is the same edit as the k = 1 job's: same seed, same mask, same image.
     three = read(out3)

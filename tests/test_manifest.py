@@ -24,7 +24,7 @@ def rows(n, start=0):
     out = []
     for i in range(start, start + n):
         key = f"a/../{i}"  # a hostile key: must never become a path
-        out.append(empty_row(key=key, edit_id=edit_id(key, 0, "a red dog", "a blue dog"), edit_index=0, shard="s.tar",
+        out.append(empty_row(key=key, edit_id=edit_id("s.tar", key, 0, "a red dog", "a blue dog"), edit_index=0, shard="s.tar",
                              source_prompt="a red dog", target_prompt="a blue dog", status="ok", seed=i, width=5,
                              height=3, mask_png=png((5, 3), 255), mask_fraction=1.0, edited_png=png((5, 3)),
                              clip_target=0.1 * i))
