@@ -7,8 +7,9 @@ skips those and recomputes the rest, and leftover temporary files of a killed ru
 One job at a time: ``begin`` takes an exclusive ``flock`` on ``OUT/.lock`` and holds it until ``close``;
 the kernel releases it when the process ends, however it ends, so a killed job never leaves it stuck.
 
-Retrying errors: ``begin(retry_errors=True)`` un-commits every edit that has an ``error`` row, by rewriting
-each part that holds one without that edit's rows (written aside, then renamed over the part: atomic). Those
+Retrying errors: ``begin(retry=shards)`` un-commits every edit of those shards that has an ``error`` row (the
+job passes the shards it is about to read: errors of shards it will not read stay), by rewriting each part
+that holds one without that edit's rows (written aside, then renamed over the part: atomic). Those
 edits are then no longer committed, so the job computes them again; a kill in between only means they are
 computed by the next run instead.
 """
@@ -94,9 +95,9 @@ class OutputStore:
             self._lock.close()  # closing the file releases the flock
             self._lock = None
 
-    def begin(self, run: dict, overwrite: bool = False, retry_errors: bool = True) -> int:
-        """Start or resume a job; refuse changed parameters on an existing OUT unless ``overwrite``.
-        Takes the lock. Returns the number of edits un-committed for a retry (``retry_errors``)."""
+    def begin(self, run: dict, overwrite: bool = False, retry: frozenset[str] = frozenset()) -> int:
+        """Start or resume a job; refuse changed parameters on an existing OUT unless ``overwrite``. Takes the
+        lock. Un-commits the failed edits of the shards in ``retry``; returns how many."""
         if self._lock is None:
             self.lock()
         if overwrite:
@@ -113,7 +114,7 @@ class OutputStore:
         self.parts.mkdir(parents=True, exist_ok=True)
         for stale in self.parts.glob(".tmp-*"):
             stale.unlink()  # a part a killed run was writing: never committed, so recomputed
-        retried = self.uncommit_errors() if retry_errors else 0
+        retried = self.uncommit_errors(retry) if retry else 0
         self.write_run({**(previous or {}), **run, "completed": False})
         return retried
 
@@ -145,15 +146,17 @@ class OutputStore:
         os.replace(tmp, self.parts / name)
         return self.parts / name
 
-    def uncommit_errors(self) -> int:
-        """Remove every edit (all rows of its shard, key and edit index) that has an error row; returns how many."""
+    def uncommit_errors(self, shards: frozenset[str]) -> int:
+        """Remove every edit of ``shards`` (all rows of its shard, key and edit index) that has an error row;
+        returns how many."""
         removed = 0
         for f in self.part_files():
             table = pq.read_table(f)
             if "error" not in table.column("status").to_pylist():
                 continue
             rows = table.select(["shard", "key", "edit_index", "status"]).to_pylist()
-            failed = {(r["shard"], r["key"], r["edit_index"]) for r in rows if r["status"] == "error"}
+            failed = {(r["shard"], r["key"], r["edit_index"]) for r in rows
+                      if r["status"] == "error" and r["shard"] in shards}
             keep = [(r["shard"], r["key"], r["edit_index"]) not in failed for r in rows]
             removed += len(failed)
             self._replace_part(f, table.filter(pa.array(keep)))

@@ -258,7 +258,8 @@ def run_job(o: JobOptions, log=print) -> dict:
     try:
         plan = plan_job(o, log)
         previous = None if o.overwrite else store.read_run()
-        retried = store.begin(plan.run, overwrite=o.overwrite, retry_errors=o.retry_errors)
+        retried = store.begin(plan.run, overwrite=o.overwrite,
+                              retry=frozenset(plan.shards) if o.retry_errors else frozenset())
         # A completed run of the same shards (the expanded list: a glob may match new shards since) with no error
         # to retry has nothing left.
         already_done = bool(previous and previous.get("completed") and not retried

@@ -155,29 +155,53 @@ def test_unreadable_shards_are_error_rows_and_a_rerun_retries_them(tmp_path, tin
     whole = truncated.read_bytes()
     truncated.write_bytes(whole[: len(whole) // 2])
     broken_image = raw_tar(tmp_path / "img.tar", [("x.png", png(1)[:60]), ("x.txt", b"a red circle")])
-    inputs = [truncated, broken_image, f"{url}/remote.tar", f"{url}/missing.tar"]
+    unreachable = "s3://diffedit-test/shard.tar?endpoint_override=127.0.0.1:9&scheme=http"  # nothing listens there
+    inputs = [truncated, broken_image, f"{url}/remote.tar", f"{url}/missing.tar", unreachable]
     out = tmp_path / "out"
     summary = job(inputs, out, tiny_model_dir, prompts=rules)
     df = read(out)
     assert df.edit_id.is_unique
     errors = df[df.status == "error"]
     shard_errors = errors[errors.key.str.startswith("<shard")]
-    assert set(shard_errors.shard) == {str(truncated), f"{url}/missing.tar"}, errors[["key", "shard", "error"]]
+    assert set(shard_errors.shard) == {str(truncated), f"{url}/missing.tar", unreachable}, errors[["key", "shard", "error"]]
+    assert "could not be read" in shard_errors.set_index("shard").loc[unreachable, "error"]
     assert "x" in set(errors.key)
     assert "r0" in set(df.key[df.status == "ok"])
     assert summary["total_by_status"]["error"] == len(errors)
 
-    # Repair everything; the rerun edits what failed and nothing twice.
+    # Repair all but the s3 shard, and leave that one out of the rerun: the rerun edits what failed and nothing
+    # twice, and the error row of the shard it does not read stays.
     truncated.write_bytes(whole)
     raw_tar(broken_image, [("x.png", png(1)), ("x.txt", b"a red circle")])
     write_shard(served / "missing.tar", ["m0"])
+    inputs.remove(unreachable)
     job(inputs, out, tiny_model_dir, prompts=rules)
     df = read(out)
-    assert (df.status == "ok").all(), df[["key", "status", "error"]]
-    assert sorted(df.key) == ["c0", "c1", "c2", "m0", "r0", "x"] and df.edit_id.is_unique
+    assert (df[df.shard != unreachable].status == "ok").all(), df[["key", "status", "error"]]
+    assert sorted(df.key[df.shard != unreachable]) == ["c0", "c1", "c2", "m0", "r0", "x"] and df.edit_id.is_unique
+    assert (df[df.shard == unreachable].status == "error").all() and (df.shard == unreachable).sum() == 1
 
     # Errors kept on request: nothing to retry, nothing recomputed.
     assert job(inputs, out, tiny_model_dir, prompts=rules, retry_errors=False)["new_rows"] == 0
+
+
+def test_a_retry_uncommits_whole_edits_of_the_shards_it_reads_only(tmp_path):
+    from diffedit.manifests.schema import empty_row
+
+    def row(shard, key, sample, status):
+        return empty_row(key=key, edit_id=f"{shard}-{key}-{sample}", shard=shard, edit_index=0, sample_index=sample,
+                         status=status)
+
+    store = OutputStore(tmp_path / "out")
+    store.begin({"schema_version": "3"})
+    store.commit([row("a", "k", 0, "ok"), row("a", "k", 1, "error"), row("a", "j", 0, "ok"), row("a", "j", 1, "ok")])
+    store.commit([row("b", "k", 0, "error"), row("b", "k", 1, "error")])
+    store.close()
+    store = OutputStore(tmp_path / "out")
+    assert store.begin({"schema_version": "3"}, retry=frozenset({"a"})) == 1
+    # Both samples of the failed edit of shard a go (it is edited again whole); shard b is not read: kept.
+    assert store.committed_ids() == {"a-j-0", "a-j-1", "b-k-0", "b-k-1"}
+    store.close()
 
 
 # -- one job at a time (item 7) ---------------------------------------------------------------------------------
