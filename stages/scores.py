@@ -17,6 +17,23 @@ CLIP weights are there, ``lpips`` when the LPIPS backbone weights are not there 
 :attr:`Scorer.unavailable`, which the job writes to ``run.json``), a region score for an empty region, and
 ``lpips`` for an image too small for the backbone. Never a score from random weights.
 
+Memory per pair is bounded, whatever the image's size or shape:
+
+- ``psnr_bg`` / ``psnr_fg`` / ``mask_fraction`` use every pixel at full resolution, exactly (8-bit squared
+  differences summed as integers, row chunks of :data:`PSNR_CHUNK` values). A region whose pixels are all
+  identical gets ``+inf`` (scikit-image's convention), every time and only then: the sums have no rounding.
+- ``ssim_*`` and ``lpips`` see each pair at most at ``ScoreConfig.max_pixels`` (:data:`SCORE_MAX_PIXELS`,
+  1 megapixel): a larger pair is box-averaged down (aspect ratio kept), as Wang et al.'s own ``ssim.m``
+  downsamples before SSIM (f x f block means, f = round(min(H, W) / 256)); the mask becomes area weights, each
+  small pixel weighted by its share of the region. Pairs up to 1 megapixel (the engine's 512 x 512, SDXL's
+  1024 x 1024) are scored at their own size, as before. SSIM runs in float32, one channel at a time, on the
+  pair shifted by its mean (which removes float32's cancellation in E[x^2] - E[x]^2): region means within 1e-6
+  of float64, the map within 1e-5.
+- CLIP: open_clip's transform resizes the short side to its input size S before it crops, so a 1 x 300000
+  strip would become 224 x 67 million pixels. An image longer than :data:`CLIP_MAX_ASPECT` : 1 is given to it
+  as the centre S x S square that its default (``shortest``) mode keeps, resized from that square's box of the
+  source only: the same square, up to PIL's rounding (see :func:`clip_ready`; other modes see a 4:1 centre crop).
+
 Plain PyTorch, no Ray: the job wraps :class:`Scorer` in its own actor. Shape legend: B pairs, D embedding
 width, C channels, H x W image.
 """
@@ -47,6 +64,14 @@ SCORE_COLUMNS = CLIP_COLUMNS + LPIPS_COLUMNS + REGION_COLUMNS
 # The torchvision weights the lpips package's backbones load (torchvision's own names in the hub cache).
 LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 LPIPS_MIN_SIDE = 32  # AlexNet's five pooling stages need at least 32 x 32 pixels; smaller images get a null.
+# SSIM and LPIPS see at most this many pixels per image (larger pairs are box-averaged down), and one forward
+# pass at most this many pixels in all. 1024 x 1024: 512 x 512 (SD 1.5) and 1024 x 1024 (SDXL) pairs keep
+# their own size, and a 12-megapixel photo scores in ~400 MB above the loaded models (bench/score_memory.py).
+SCORE_MAX_PIXELS = 1024 * 1024
+# Images longer than 4:1 reach open_clip's transform already cut to what it keeps (clip_ready): its resize of
+# the short side to S would otherwise cost S x S x aspect pixels. Up to 4:1 (panoramas) nothing changes.
+CLIP_MAX_ASPECT = 4
+PSNR_CHUNK = 1 << 20  # values per float64 chunk of the PSNR sums (8 MB)
 
 
 class ScoreLoadError(ValueError):
@@ -63,12 +88,15 @@ class ScoreConfig:
     lpips_weights: str | None = None  # the backbone's torchvision weights; None: torch hub's cache, if they are there
     device: str = "auto"
     batch_size: int = 32  # images per CLIP / LPIPS forward pass
+    max_pixels: int = SCORE_MAX_PIXELS  # SSIM / LPIPS see each pair at most this large, and a forward pass no more
 
     def __post_init__(self):
         if self.lpips_net not in LPIPS_BACKBONES:
             raise ValueError(f"`lpips_net` must be one of {', '.join(LPIPS_BACKBONES)} but is {self.lpips_net!r}.")
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1 but is {self.batch_size}.")
+        if self.max_pixels < 1:
+            raise ValueError(f"`max_pixels` must be >= 1 but is {self.max_pixels}.")
 
 
 # -- the scores, as functions of tensors -----------------------------------------------------------------
@@ -87,14 +115,36 @@ def directional_similarity(
     return cosine(n(edit_image_BD) - n(source_image_BD), n(target_text_BD) - n(source_text_BD))
 
 
+def squared_error_sums(
+    a_BCHW: torch.Tensor, b_BCHW: torch.Tensor, region_BHW: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inside_B, total_B): sums of squared differences over the region's pixels and over all pixels, every
+    channel. Float64, in chunks of rows of :data:`PSNR_CHUNK` values, so no full-size float copy is made; for
+    8-bit images (uint8 tensors) every term and sum is an integer below 2^53, hence exact, and so is
+    ``total - inside``, the sum outside the region."""
+    B, C, H, W = a_BCHW.shape
+    inside_B = torch.zeros(B, dtype=torch.float64, device=a_BCHW.device)
+    total_B = torch.zeros(B, dtype=torch.float64, device=a_BCHW.device)
+    rows = max(1, PSNR_CHUNK // (B * C * W))
+    for top in range(0, H, rows):
+        d = a_BCHW[:, :, top : top + rows].double() - b_BCHW[:, :, top : top + rows].double()
+        d.mul_(d)
+        total_B += d.sum(dim=(1, 2, 3))
+        inside_B += (d * region_BHW[:, None, top : top + rows]).sum(dim=(1, 2, 3))
+    return inside_B, total_B
+
+
+def psnr(squared_error_B: torch.Tensor, count_B: torch.Tensor | float, data_range: float = 1.0) -> torch.Tensor:
+    """10 log10(R^2 / MSE), MSE = squared_error / count (of values). NaN where count is 0 (an empty region),
+    +inf where the squared error is 0 (identical pixels), as scikit-image's ``peak_signal_noise_ratio``."""
+    return 10 * torch.log10(data_range**2 / (squared_error_B / count_B))
+
+
 def region_psnr(a_BCHW: torch.Tensor, b_BCHW: torch.Tensor, region_BHW: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """PSNR over the pixels (all channels) of ``region_BHW``: 10 log10(R^2 / MSE). NaN for an empty region,
     +inf for an identical one (as scikit-image's ``peak_signal_noise_ratio``)."""
-    region_B1HW = region_BHW[:, None].to(a_BCHW.dtype)
-    squared = (a_BCHW.double() - b_BCHW.double()) ** 2 * region_B1HW
-    count_B = region_B1HW.sum(dim=(1, 2, 3)).double() * a_BCHW.shape[1]
-    mse_B = squared.sum(dim=(1, 2, 3)) / count_B  # NaN where count is 0
-    return 10 * torch.log10(data_range**2 / mse_B)
+    inside_B, _ = squared_error_sums(a_BCHW, b_BCHW, region_BHW)
+    return psnr(inside_B, region_BHW.sum(dim=(1, 2)).double() * a_BCHW.shape[1], data_range)
 
 
 def _symmetric_index(n: int, pad: int, device) -> torch.Tensor:
@@ -103,18 +153,24 @@ def _symmetric_index(n: int, pad: int, device) -> torch.Tensor:
     return torch.where(i < n, i, 2 * n - 1 - i)
 
 
+def _blur_along(x: torch.Tensor, kernel: list[float], dim: int) -> torch.Tensor:
+    """One pass of a separable filter: a sum of shifted slices of one reflect-padded copy. (conv2d on CPU in
+    float64 builds an im2col copy, one value per tap per pixel: 15.9 GB for a 12-megapixel pair's statistics.)"""
+    n, radius = x.shape[dim], len(kernel) // 2
+    padded = x.index_select(dim, _symmetric_index(n, radius, x.device))
+    out = padded.narrow(dim, 0, n) * kernel[0]
+    for k in range(1, len(kernel)):
+        out.add_(padded.narrow(dim, k, n), alpha=kernel[k])
+    return out
+
+
 def gaussian_filter(x_NHW: torch.Tensor, sigma: float = 1.5, truncate: float = 3.5) -> torch.Tensor:
-    """A separable Gaussian blur with scipy.ndimage.gaussian_filter's kernel and 'reflect' borders."""
+    """A separable Gaussian blur with scipy.ndimage.gaussian_filter's kernel and 'reflect' borders, in x's dtype."""
     radius = int(truncate * sigma + 0.5)
-    t = torch.arange(-radius, radius + 1, dtype=x_NHW.dtype, device=x_NHW.device)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    H, W = x_NHW.shape[-2:]
-    x = x_NHW[:, None]
-    x = x[:, :, _symmetric_index(H, radius, x.device)][:, :, :, _symmetric_index(W, radius, x.device)]
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    return x[:, 0]
+    kernel = (kernel / kernel.sum()).tolist()
+    return _blur_along(_blur_along(x_NHW, kernel, -2), kernel, -1)
 
 
 def ssim_map(a_BCHW: torch.Tensor, b_BCHW: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
@@ -123,22 +179,115 @@ def ssim_map(a_BCHW: torch.Tensor, b_BCHW: torch.Tensor, data_range: float = 1.0
     Local statistics under a Gaussian window (sigma 1.5, 11 taps); population (not sample) covariances;
     C1 = (0.01 R)^2, C2 = (0.03 R)^2. Equal to scikit-image's ``structural_similarity(..., full=True)`` map
     with ``gaussian_weights=True, use_sample_covariance=False``.
+
+    Runs in float32 (float64 if given float64), one channel at a time. Both images are first shifted by the
+    pair's mean: variances and covariances do not change, and float32 loses far less in E[x^2] - E[x]^2
+    (per pixel within 1e-5 of float64 on smooth 8-bit images, against 4e-4 unshifted). Identical images give
+    exactly 1: numerator and denominator are then the same float operations.
     """
+    dtype = torch.float64 if a_BCHW.dtype == torch.float64 else torch.float32
     B, C, H, W = a_BCHW.shape
-    x = a_BCHW.double().reshape(B * C, H, W)
-    y = b_BCHW.double().reshape(B * C, H, W)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    stats = gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]), sigma)
-    ux, uy, uxx, uyy, uxy = stats.chunk(5)
-    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.reshape(B, C, H, W).mean(dim=1)
+    blur = lambda z: gaussian_filter(z, sigma)  # noqa: E731
+    sum_BHW = torch.zeros(B, H, W, dtype=dtype, device=a_BCHW.device)
+    for c in range(C):
+        x, y = a_BCHW[:, c].to(dtype), b_BCHW[:, c].to(dtype)
+        shift_B11 = ((x.mean(dim=(1, 2)) + y.mean(dim=(1, 2))) / 2)[:, None, None]
+        x, y = x - shift_B11, y - shift_B11
+        ux, uy = blur(x), blur(y)
+        vx, vy, vxy = blur(x * x) - ux * ux, blur(y * y) - uy * uy, blur(x * y) - ux * uy
+        ux, uy = ux + shift_B11, uy + shift_B11
+        sum_BHW += ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return sum_BHW / C
 
 
 def region_mean(map_BHW: torch.Tensor, region_BHW: torch.Tensor) -> torch.Tensor:
-    """Mean of a per-pixel map over a region, image by image; NaN for an empty region."""
-    region = region_BHW.to(map_BHW.dtype)
-    return (map_BHW * region).sum(dim=(1, 2)) / region.sum(dim=(1, 2))
+    """Mean of a per-pixel map over a region, image by image, in float64; NaN for an empty region. The region
+    is a mask or per-pixel weights (the share of each pixel inside the region, after a resize)."""
+    region = region_BHW.double()
+    return (map_BHW.double() * region).sum(dim=(1, 2)) / region.sum(dim=(1, 2))
+
+
+# -- bounding the size of what is scored -----------------------------------------------------------------
+
+
+def bounded_size(height: int, width: int, max_pixels: int = SCORE_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) to score an image at: its own when it has at most ``max_pixels`` pixels, else the
+    largest size of about the same aspect ratio within ``max_pixels`` (a side never below 1 pixel)."""
+    if max_pixels < 1:
+        raise ValueError(f"`max_pixels` must be >= 1 but is {max_pixels}.")
+    if height * width <= max_pixels:
+        return height, width
+    scale = math.sqrt(max_pixels / (height * width))
+    short, long = sorted((height, width))
+    new_short = max(1, int(short * scale))
+    # A strip thinner than 1 pixel at that scale keeps 1 pixel and gives up its aspect ratio instead.
+    new_long = min(int(long * scale), max_pixels // new_short) if short * scale >= 1 else min(long, max_pixels)
+    return (new_short, new_long) if height <= width else (new_long, new_short)
+
+
+def shrink_pair(source: np.ndarray, edit: np.ndarray, mask: np.ndarray, max_pixels: int = SCORE_MAX_PIXELS):
+    """A pair as SSIM and LPIPS see it: ``(source, edit, fg, bg)`` at :func:`bounded_size`. Images stay
+    H x W x 3 uint8 (box-averaged, as Wang et al.'s ``ssim.m`` downsamples); ``fg`` / ``bg`` are each small
+    pixel's share of the mask and of its complement (float32 in [0, 1]; the bool masks when not resized)."""
+    h, w = bounded_size(*mask.shape, max_pixels)
+    if (h, w) == mask.shape:
+        return source, edit, mask, ~mask
+    box = lambda im: im.resize((w, h), Image.Resampling.BOX)  # noqa: E731
+    shares = lambda m: np.asarray(box(Image.fromarray(m.astype(np.float32), "F")))  # noqa: E731
+    return np.asarray(box(Image.fromarray(source))), np.asarray(box(Image.fromarray(edit))), shares(mask), shares(~mask)
+
+
+def centre_crop_aspect(image: np.ndarray, max_aspect: float = CLIP_MAX_ASPECT) -> np.ndarray:
+    """The centre of an H x W x C image with its long side cut to at most ``max_aspect`` times its short side
+    (a view; the cut is the same number of pixels on each side, so the crop keeps the image's centre)."""
+    h, w = image.shape[:2]
+    short, long = min(h, w), max(h, w)
+    keep = min(long, math.ceil(max_aspect * short))
+    keep += (long - keep) % 2
+    start = (long - keep) // 2
+    return image[start : start + keep] if h > w else image[:, start : start + keep]
+
+
+def _shortest_side_transform(preprocess) -> tuple[int, int] | None:
+    """(S, PIL resample) when ``preprocess`` starts as open_clip's default ('shortest') inference transform,
+    torchvision's ``Resize(S)`` then ``CenterCrop(S)``; else None."""
+    from torchvision import transforms as T
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    steps = getattr(preprocess, "transforms", [])
+    if len(steps) < 2 or type(steps[0]) is not T.Resize or type(steps[1]) is not T.CenterCrop or steps[0].max_size:
+        return None
+    size = steps[0].size if isinstance(steps[0].size, int) else steps[0].size[0] if len(steps[0].size) == 1 else None
+    if size is None or tuple(steps[1].size) != (size, size):
+        return None
+    return size, pil_modes_mapping[steps[0].interpolation]
+
+
+def clip_ready(image: np.ndarray, preprocess, max_aspect: float = CLIP_MAX_ASPECT) -> Image.Image:
+    """An H x W x 3 uint8 image as a PIL image that ``preprocess`` (open_clip's transform) takes in bounded memory.
+
+    Up to ``max_aspect`` : 1, the image itself. Longer, for open_clip's default transform (resize the short side
+    to S, keep the centre S x S): that centre square, with torchvision's sizes and rounding, resized by PIL from
+    its box of the source alone (``box=``; the filter still reads the pixels around the box), so the S x
+    (S * aspect) image is never made and the transform has nothing left to do. Not bit-exact: PIL may run its two
+    passes in the other order and round in between (measured: up to 17 of 255 on random noise, 0 on a 1 x 3000
+    strip; CLIP scores within 0.02 on noise). For other transforms (``squash``, ``longest``), a ``max_aspect`` : 1
+    centre crop, which they then see.
+    """
+    h, w = image.shape[:2]
+    if max(h, w) <= max_aspect * min(h, w):
+        return Image.fromarray(image)
+    shortest = _shortest_side_transform(preprocess)
+    if shortest is None:
+        return Image.fromarray(np.ascontiguousarray(centre_crop_aspect(image, max_aspect)))
+    size, resample = shortest
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)  # torchvision's Resize(size): the short side to size
+    start = int(round((new_long - size) / 2.0))  # torchvision's CenterCrop(size)
+    scale = long / new_long
+    box = (0, start * scale, w, (start + size) * scale) if w <= h else (start * scale, 0, (start + size) * scale, h)
+    return Image.fromarray(image).resize((size, size), resample, box=box)
 
 
 # -- loading the models ----------------------------------------------------------------------------------
@@ -377,19 +526,29 @@ class Scorer:
             "clip": None if self.clip is None else {"model": self.clip.name, **file_info(self.clip.weights)},
             "lpips": None if self.lpips is None else {"net": self.config.lpips_net, "version": "0.1", **file_info(self.lpips_weights)},
             "ssim": {"window": "gaussian", "sigma": 1.5, "truncate": 3.5, "k1": 0.01, "k2": 0.03, "data_range": 1.0},
+            # Where the scores look: PSNR at full size; SSIM / LPIPS within max_pixels; CLIP a centre crop.
+            "limits": {"max_pixels": self.config.max_pixels, "resize": "box", "clip_max_aspect": CLIP_MAX_ASPECT},
             "unavailable": dict(self.unavailable),
         }
 
+    def clip_input(self, image: np.ndarray) -> torch.Tensor:
+        """An H x W x 3 uint8 image -> CLIP's input C x S x S, through open_clip's own inference transform (an
+        image longer than :data:`CLIP_MAX_ASPECT` : 1 first through :func:`clip_ready`)."""
+        return self.clip.preprocess(clip_ready(image, self.clip.preprocess))
+
     @torch.no_grad()
-    def clip_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
-        """images (H x W x 3 uint8, any sizes) -> L2-normalised image embeddings B x D, through open_clip's own
-        inference transform."""
+    def encode_images(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """CLIP inputs (from :meth:`clip_input`) -> L2-normalised image embeddings B x D."""
         out = []
         bs = self.config.batch_size
-        for i in range(0, len(images), bs):
-            x = torch.stack([self.clip.preprocess(Image.fromarray(a)) for a in images[i : i + bs]]).to(self.device)
+        for i in range(0, len(inputs), bs):
+            x = torch.stack(inputs[i : i + bs]).to(self.device)
             out.append(self.clip.model.encode_image(x, normalize=True).float())
         return torch.cat(out)
+
+    def clip_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
+        """images (H x W x 3 uint8, any sizes) -> L2-normalised image embeddings B x D."""
+        return self.encode_images([self.clip_input(a) for a in images])
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
@@ -415,19 +574,32 @@ class Scorer:
                 f"Got {B} sources, {len(edits)} edits, {len(masks)} masks, {len(source_prompts)} source prompts and "
                 f"{len(target_prompts)} target prompts; they must be equal."
             )
-        src = [_as_rgb_array(s) for s in sources]
-        edt = [_as_rgb_array(e) for e in edits]
-        msk = [_as_mask_array(m) for m in masks]
-        for i, (s, e, m) in enumerate(zip(src, edt, msk)):
-            if s.shape != e.shape or s.shape[:2] != m.shape:
-                raise ValueError(f"Pair {i}: source {s.shape[:2]}, edit {e.shape[:2]} and mask {m.shape} must have one size.")
         out: dict[str, list] = {c: [None] * B for c in SCORE_COLUMNS}
         if B == 0:
             return out
 
-        # 1. CLIP: image and text embeddings, then the four similarities.
+        # 1. One pair at a time at full size (only one pair's full-size arrays exist at once): exact PSNR and
+        #    mask fraction, CLIP's inputs, and the pair at the bounded size SSIM and LPIPS see.
+        clip_src, clip_edt, small = [], [], []
+        for i in range(B):
+            s, e, m = _as_rgb_array(sources[i]), _as_rgb_array(edits[i]), _as_mask_array(masks[i])
+            if s.shape != e.shape or s.shape[:2] != m.shape:
+                raise ValueError(f"Pair {i}: source {s.shape[:2]}, edit {e.shape[:2]} and mask {m.shape} must have one size.")
+            a, b = (_view(x).to(self.device).permute(2, 0, 1)[None] for x in (s, e))
+            inside, total = squared_error_sums(a, b, _view(m).to(self.device)[None])
+            n_fg, channels = int(m.sum()), s.shape[2]
+            out["psnr_fg"][i] = _number(psnr(inside, channels * n_fg, data_range=255))
+            out["psnr_bg"][i] = _number(psnr(total - inside, channels * (m.size - n_fg), data_range=255))
+            out["mask_fraction"][i] = n_fg / m.size
+            if self.clip is not None:
+                clip_src.append(self.clip_input(s))
+                clip_edt.append(self.clip_input(e))
+            small.append(shrink_pair(s, e, m, self.config.max_pixels))
+            del s, e, m, a, b
+
+        # 2. CLIP: image and text embeddings, then the four similarities.
         if self.clip is not None:
-            src_img, edt_img = self.clip_embeddings(src + edt).chunk(2)
+            src_img, edt_img = self.encode_images(clip_src + clip_edt).chunk(2)
             src_txt, tgt_txt = self.text_embeddings(list(source_prompts) + list(target_prompts)).chunk(2)
             columns = {
                 "clip_source": cosine(edt_img, src_txt),
@@ -438,29 +610,37 @@ class Scorer:
             for name, values in columns.items():
                 out[name] = [float(v) for v in values.cpu()]
 
-        # 2. Pixel scores, on groups of same-size pairs, in [0, 1] (LPIPS takes [-1, 1]).
+        # 3. SSIM and LPIPS at the bounded size, on groups of same-size pairs, at most max_pixels pixels per
+        #    forward pass, in [0, 1] (LPIPS takes [-1, 1]).
         groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(src):
+        for i, (s, _, _, _) in enumerate(small):
             groups.setdefault(s.shape, []).append(i)
-        bs = self.config.batch_size
         for shape, members in groups.items():
-            for j in range(0, len(members), bs):
-                idx = members[j : j + bs]
-                # float64 for PSNR / SSIM (scikit-image's precision); LPIPS runs in float32.
-                a = torch.from_numpy(np.stack([src[i] for i in idx])).to(self.device).permute(0, 3, 1, 2).double() / 255
-                b = torch.from_numpy(np.stack([edt[i] for i in idx])).to(self.device).permute(0, 3, 1, 2).double() / 255
-                fg = torch.from_numpy(np.stack([msk[i] for i in idx])).to(self.device)
+            n = min(self.config.batch_size, max(1, self.config.max_pixels // (shape[0] * shape[1])))
+            for j in range(0, len(members), n):
+                idx = members[j : j + n]
+                stack = lambda k: torch.from_numpy(np.stack([small[i][k] for i in idx])).to(self.device)  # noqa: E731
+                a, b = (stack(k).permute(0, 3, 1, 2).float() / 255 for k in (0, 1))
+                fg, bg = stack(2), stack(3)
                 ssim = ssim_map(a, b)
-                values = {
-                    "psnr_bg": region_psnr(a, b, ~fg),
-                    "ssim_bg": region_mean(ssim, ~fg),
-                    "psnr_fg": region_psnr(a, b, fg),
-                    "ssim_fg": region_mean(ssim, fg),
-                    "mask_fraction": fg.double().mean(dim=(1, 2)),
-                }
+                values = {"ssim_bg": region_mean(ssim, bg), "ssim_fg": region_mean(ssim, fg)}
+                del ssim
                 if self.lpips is not None and min(shape[:2]) >= LPIPS_MIN_SIDE:
-                    values["lpips"] = self.lpips(a.float() * 2 - 1, b.float() * 2 - 1).flatten()
+                    values["lpips"] = self.lpips(a * 2 - 1, b * 2 - 1).flatten()
                 for name, column in values.items():
                     for i, v in zip(idx, column.cpu().tolist()):
-                        out[name][i] = None if math.isnan(v) else float(v)
+                        out[name][i] = _number(v)
         return out
+
+
+def _view(a: np.ndarray) -> torch.Tensor:
+    """A tensor sharing an array's memory (PIL's arrays are read-only; nothing here writes to them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def _number(value) -> float | None:
+    """A score as a plain float; None (null) for NaN, i.e. an empty region."""
+    value = float(value)
+    return None if math.isnan(value) else value

@@ -3,10 +3,15 @@
 CLIP against open_clip's own encode_image / encode_text on a tiny CLIP with random weights (built here,
 saved as safetensors: the scorer must load exactly those weights); LPIPS against the lpips package loading
 the same backbone weights itself (through torchvision and torch hub's cache); PSNR and SSIM against
-scikit-image; directional CLIP against its formula.
+scikit-image; directional CLIP against its formula. Large and extreme images (issue item 12): the sizes
+SSIM / LPIPS / CLIP see, and a 6-megapixel photo and a 1 x 300000 strip scored in a child process whose
+address space may grow by 2 GB only.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -300,13 +305,16 @@ def test_psnr_and_ssim_match_skimage_on_full_images_and_regions(no_default_clip,
         psnr = lambda region: skimage_metrics.peak_signal_noise_ratio(a[region], b[region], data_range=1.0)  # noqa: E731
         assert got["psnr_bg"][i] == pytest.approx(psnr(~m), abs=1e-9)
         assert got["psnr_fg"][i] == pytest.approx(psnr(m), abs=1e-9)
-        assert got["ssim_bg"][i] == pytest.approx(S[~m].mean(), abs=1e-9)
-        assert got["ssim_fg"][i] == pytest.approx(S[m].mean(), abs=1e-9)
+        # The scorer's SSIM runs in float32 (the region means within 1e-6 of float64; the map itself is checked
+        # against scikit-image in float64 below, at 1e-9).
+        assert got["ssim_bg"][i] == pytest.approx(S[~m].mean(), abs=1e-6)
+        assert got["ssim_fg"][i] == pytest.approx(S[m].mean(), abs=1e-6)
         assert got["mask_fraction"][i] == pytest.approx(m.mean())
         # Full images: the map itself, and skimage's scalar SSIM (the map's mean without a 5-pixel border).
         ta, tb = (torch.from_numpy(x).permute(2, 0, 1)[None] for x in (a, b))
         ours = ssim_map(ta, tb)[0]
         np.testing.assert_allclose(ours.numpy(), S, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(ssim_map(ta.float(), tb.float())[0].numpy(), S, rtol=0, atol=1e-5)
         interior = np.zeros(m.shape, bool)
         interior[5:-5, 5:-5] = True
         mssim = skimage_metrics.structural_similarity(
@@ -341,3 +349,152 @@ def test_bad_inputs_are_refused(no_default_clip, hub_dir):
         scorer.score([rgb(32, 32, 0)], [], [], ["a"], ["b"])
     with pytest.raises(ValueError, match="lpips_net"):
         ScoreConfig(lpips_net="resnet")
+
+
+# -- bounded memory: large and extreme images (issue item 12) --------------------------------------------
+
+
+def test_bounded_size_keeps_small_images_and_bounds_large_ones():
+    limit = scores.SCORE_MAX_PIXELS
+    for h, w in [(512, 512), (1024, 1024), (1, 300000), (37, 53)]:
+        assert scores.bounded_size(h, w) == (h, w)
+    for h, w in [(3000, 4000), (4000, 3000), (1025, 1024), (2, 3_000_000), (1, 10**7), (10**7, 1), (100_000, 99_999)]:
+        bh, bw = scores.bounded_size(h, w)
+        assert 1 <= bh <= h and 1 <= bw <= w and bh * bw <= limit, (h, w, bh, bw)
+        if min(h, w) * (limit / (h * w)) ** 0.5 >= 1:  # the aspect ratio is kept, to a pixel, and the budget used
+            assert abs(bh - h * bw / w) <= 1 and bh * bw > 0.99 * limit, (h, w, bh, bw)
+    assert scores.bounded_size(4000, 3000) == (1182, 886)
+    assert scores.bounded_size(1, 10**7) == (1, limit)  # thinner than a pixel: 1 pixel, the long side capped
+    with pytest.raises(ValueError, match="max_pixels"):
+        ScoreConfig(max_pixels=0)
+
+
+def test_large_pairs_score_ssim_shrunk_and_psnr_at_full_size(no_default_clip, hub_dir, skimage_metrics):
+    """Above max_pixels: PSNR and the mask fraction from every full-size pixel; SSIM on the box-averaged pair,
+    averaged with each small pixel's share of the region as its weight."""
+    h, w, limit = 97, 131, 40 * 30
+    s = rgb(h, w, 0)
+    e = perturbed(s, 1, 30)
+    m = box_mask(h, w, 20, 30, 70, 90)
+    out = Scorer(ScoreConfig(device="cpu", max_pixels=limit)).score([s], [e], [m], ["a"], ["b"])
+    a, b = s / 255.0, e / 255.0
+    psnr = lambda region: skimage_metrics.peak_signal_noise_ratio(a[region], b[region], data_range=1.0)  # noqa: E731
+    assert out["psnr_bg"][0] == pytest.approx(psnr(~m), abs=1e-9)
+    assert out["psnr_fg"][0] == pytest.approx(psnr(m), abs=1e-9)
+    assert out["mask_fraction"][0] == m.mean()
+    bh, bw = scores.bounded_size(h, w, limit)
+    assert bh * bw <= limit
+    box = lambda x, mode=None: np.asarray(Image.fromarray(x, mode).resize((bw, bh), Image.Resampling.BOX))  # noqa: E731
+    S = skimage_ssim_map(skimage_metrics, box(s) / 255.0, box(e) / 255.0)
+    for column, region in (("ssim_fg", m), ("ssim_bg", ~m)):
+        weight = box(region.astype(np.float32), "F")
+        assert 0 <= weight.min() and weight.max() <= 1  # each small pixel's share of the region
+        assert out[column][0] == pytest.approx((S * weight).sum() / weight.sum(), abs=1e-6), column
+    full = Scorer(ScoreConfig(device="cpu")).score([s], [e], [m], ["a"], ["b"])  # the same pair at its own size
+    assert full["psnr_bg"][0] == out["psnr_bg"][0] and full["ssim_bg"][0] != out["ssim_bg"][0]
+
+
+def test_identical_regions_give_psnr_inf_and_ssim_one(no_default_clip, hub_dir):
+    """+inf PSNR exactly when every pixel of the region is unchanged (at full size); SSIM of an unchanged
+    pair exactly 1, at its own size and shrunk."""
+    s = rgb(90, 120, 3)
+    m = box_mask(90, 120, 30, 40, 60, 80)
+    pasted = s.copy()  # the edit changed inside the mask only; the background is the source's, pixel for pixel
+    pasted[m] = 255 - pasted[m]
+    one_pixel = s.copy()  # one background pixel off by one level: finite
+    one_pixel[0, 0, 0] ^= 1
+    for limit in (scores.SCORE_MAX_PIXELS, 50 * 40):
+        scorer = Scorer(ScoreConfig(device="cpu", max_pixels=limit))
+        out = scorer.score([s, s, s], [s.copy(), pasted, one_pixel], [m, m, m], ["a"] * 3, ["b"] * 3)
+        assert out["psnr_bg"][:2] == [float("inf")] * 2 and out["psnr_fg"][0] == float("inf")
+        assert 60 < out["psnr_bg"][2] < float("inf") and out["psnr_fg"][1] < 10
+        assert out["ssim_bg"][0] == 1.0 and out["ssim_fg"][0] == 1.0
+        assert out["ssim_fg"][1] < out["ssim_bg"][1] < 1.0  # the window reaches across the mask's border
+    a = torch.from_numpy(s).permute(2, 0, 1)[None].float() / 255
+    assert torch.equal(ssim_map(a, a.clone()), torch.ones(1, 90, 120))
+
+
+def test_ssim_in_float32_stays_close_to_float64_on_smooth_images():
+    """Smooth, bright 8-bit images are float32's worst case for E[x^2] - E[x]^2 (4e-4 off without the shift)."""
+    yy, xx = np.mgrid[0:128, 0:160] / 128
+    smooth = np.stack([0.8 + 0.1 * np.sin(6 * xx), 0.5 + 0.3 * yy, 0.95 - 0.05 * xx * yy], -1)
+    a = np.round(smooth * 255) / 255
+    b = np.clip(np.round(smooth * 255) + np.random.default_rng(0).integers(-3, 4, smooth.shape), 0, 255) / 255
+    ta, tb = (torch.from_numpy(x).permute(2, 0, 1)[None] for x in (a, b))
+    s64, s32 = ssim_map(ta, tb)[0], ssim_map(ta.float(), tb.float())[0]
+    assert s32.dtype == torch.float32 and s64.dtype == torch.float64
+    np.testing.assert_allclose(s32.double().numpy(), s64.numpy(), rtol=0, atol=1e-5)
+    assert s32.double().mean().item() == pytest.approx(s64.mean().item(), abs=1e-6)
+
+
+def test_clip_of_long_strips_is_open_clips_centre_square(tiny_clip_dir, hub_dir):
+    """Longer than 4:1, the scorer hands open_clip the centre square its transform keeps, made from that
+    square's box alone; the scores are open_clip's own on the whole image."""
+    from torchvision import transforms as T
+
+    scorer = Scorer(ScoreConfig(clip_model=str(tiny_clip_dir), device="cpu"))
+    sources = [rgb(1, 3000, 0), rgb(3000, 1, 1), rgb(10, 45, 2), rgb(40, 56, 3)]
+    edits = [perturbed(x, 10 + i) for i, x in enumerate(sources)]
+    masks = [np.zeros(x.shape[:2], bool) for x in sources]
+    got = scorer.score(sources, edits, masks, ["a red circle"] * 4, ["a blue square"] * 4)
+    expected = reference_clip_scores(tiny_clip_dir, sources, edits, ["a red circle"] * 4, ["a blue square"] * 4)
+    for column in CLIP_COLUMNS:
+        np.testing.assert_allclose(got[column], expected[column].numpy(), rtol=0, atol=1e-5, err_msg=column)
+    assert scores.clip_ready(sources[0], scorer.clip.preprocess).size == (32, 32)
+    assert scores.clip_ready(sources[3], scorer.clip.preprocess).size == (56, 40)  # up to 4:1: untouched
+    # Another transform (squash) gets a 4:1 crop around the exact centre.
+    strip = np.arange(301, dtype=np.uint8)[None, :, None].repeat(3, axis=2)
+    crop = np.asarray(scores.clip_ready(strip, T.Compose([T.Resize((32, 32))])))
+    assert crop.shape == (1, 5, 3) and crop[0, :, 0].tolist() == [148, 149, 150, 151, 152]
+
+
+MEMORY_CHILD = """
+import json, os, resource, sys, time
+import numpy as np, torch
+from diffedit.stages.scores import ScoreConfig, Scorer
+
+torch.set_num_threads(2)
+scorer = Scorer(ScoreConfig(device="cpu", lpips_weights=sys.argv[1]))
+rng = np.random.default_rng(0)
+photo = rng.integers(0, 256, (2000, 3000, 3), dtype=np.uint8)  # 6 megapixels (bench/score_memory.py: 12)
+edit = photo.copy()
+edit[500:1500, 1000:2000] //= 2
+mask = np.zeros(photo.shape[:2], bool)
+mask[500:1500, 1000:2000] = True
+strip = rng.integers(0, 256, (1, 300000, 3), dtype=np.uint8)
+scorer.score([photo[:64, :64]], [edit[:64, :64]], [mask[:64, :64]], ["a"], ["b"])  # first-call allocations
+page = os.sysconf("SC_PAGE_SIZE")
+virtual, rss = (int(v) * page for v in open("/proc/self/statm").read().split()[:2])
+# Allocations past the budget fail at once instead of taking the machine's memory (the old code needed about
+# 23 GB for this photo, and one 4.9 GB image in the strip's CLIP resize).
+resource.setrlimit(resource.RLIMIT_AS, (virtual + int(sys.argv[2]) * 2**20, resource.RLIM_INFINITY))
+out = scorer.score([photo], [edit], [mask], ["a"], ["b"])
+t = time.perf_counter()
+out_strip = scorer.score([strip], [255 - strip], [np.zeros((1, 300000), bool)], ["a"], ["b"])
+seconds = time.perf_counter() - t
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss
+out = {k: out[k] + out_strip[k] for k in out}
+print(json.dumps({"strip_seconds": seconds, "rss_growth_mb": grown / 2**20, "out": out}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
+def test_a_6_megapixel_photo_and_a_1x300000_strip_score_in_bounded_memory(tmp_path):
+    """In a child process whose address space may grow by 2 GB at most (the old code failed both at once)."""
+    from safetensors.torch import save_file
+
+    alexnet = tmp_path / "alexnet.safetensors"
+    save_file(random_alexnet_state(), str(alexnet))  # LPIPS runs too: its activations count
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "2", "TORCH_HOME": str(tmp_path / "hub")}
+    child = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(alexnet), "2048"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    out = result["out"]
+    assert result["rss_growth_mb"] < 1024, result["rss_growth_mb"]
+    assert result["strip_seconds"] < 10  # 0.1 s here unloaded (the old code: 30 s, 6.4 GB)
+    assert all(out[c][1] is not None for c in CLIP_COLUMNS)  # the strip's CLIP scores exist
+    assert out["lpips"][0] is not None and out["lpips"][1] is None  # 1 pixel high: too small for AlexNet
+    assert out["psnr_fg"][0] < out["psnr_bg"][0] == float("inf") and out["ssim_bg"][0] > out["ssim_fg"][0]
+    assert out["mask_fraction"] == [pytest.approx(1 / 6), 0.0]
+    assert out["ssim_bg"][0] == pytest.approx(1.0, abs=0.01)  # unchanged outside, but for the mask's border
