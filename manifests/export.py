@@ -53,12 +53,19 @@ def status(out: str | Path) -> dict:
         rows=len(df),
         by_status=dict(Counter(df.status)),
         completed=bool(run.get("completed")),
-        left=("nothing: the last run completed" if run.get("completed") else
-              "the last run did not complete: rerun the same `diffedit run` command to finish it"),
+        left=_left(run, int((df.status == "error").sum())),
         top_errors=dict(errors.most_common(5)),
         scores=scores,
         best_of_k=_best_of_k(df, run),
     )
+
+
+def _left(run: dict, errors: int) -> str:
+    retry = (f"; {errors} error row(s), which rerunning the same `diffedit run` command retries (unless "
+             "--no-retry-errors)") if errors else ""
+    if run.get("completed"):
+        return "nothing: the last run completed" + retry
+    return "the last run did not complete: rerun the same `diffedit run` command to finish it" + retry
 
 
 def _best_of_k(df: pd.DataFrame, run: dict) -> dict:
@@ -91,7 +98,7 @@ def export(out: str | Path, to: str | Path, where: str | None = None, best_only:
         raise FileNotFoundError(f"{out} holds no diffedit job (no run.json and no manifest/part-*.parquet): "
                                 "nothing to export.")
     expr = None
-    if where:
+    if where is not None:  # "" too: an empty variable in a script must not export everything silently
         try:
             expr = parse(where, SCHEMA)
         except FilterError as exc:
@@ -163,7 +170,7 @@ def _sample(row: dict) -> dict:
                 best=row["best"], width=row["width"], height=row["height"], mask_fraction=_num(row["mask_fraction"]),
                 scores={c: _num(row[c]) for c in SCORE_COLUMNS})
     sample = {"__key__": row["edit_id"], "mask.png": row["mask_png"], "txt": row["target_prompt"],
-              "json": json.dumps(meta).encode()}
+              "json": json.dumps(meta, allow_nan=False).encode()}
     if row["edited_png"] is not None:
         sample["png"] = row["edited_png"]
     else:
@@ -192,4 +199,5 @@ def _move_into_place(tmp: Path, to: Path) -> None:
 
 
 def _num(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    """A float for strict JSON: NaN and infinities (PSNR of an unchanged region is +inf) become null."""
+    return None if v is None or not math.isfinite(v) else float(v)

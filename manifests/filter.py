@@ -227,6 +227,10 @@ def _operands(nodes, table):
         a = pc.cast(a, b.type, safe=False)
     if isinstance(nodes[1], Literal) and nodes[1].kind == "num" and pa.types.is_floating(a.type):
         b = pc.cast(b, a.type, safe=False)
+    if pa.types.is_floating(a.type) != pa.types.is_floating(b.type) or {a.type, b.type} == {pa.float32(), pa.float64()}:
+        # Two columns of other kinds (mask_fraction < seed): compare in float64, which holds both (Arrow would
+        # cast the int64 into the float32 range and fail on the data).
+        a, b = pc.cast(a, pa.float64(), safe=False), pc.cast(b, pa.float64(), safe=False)
     return a, b
 
 

@@ -73,7 +73,7 @@ class OutputStore:
     def lock(self) -> None:
         """Take ``OUT/.lock`` for this process, or raise OutputLocked naming the job that holds it."""
         if self.out.exists() and not self.out.is_dir():
-            raise NotADirectoryError(f"--output {self.out} exists and is not a folder")
+            raise ValueError(f"--output {self.out} exists and is not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
         f = open(self.out / ".lock", "a+")
         try:

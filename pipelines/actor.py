@@ -177,7 +177,7 @@ class EditActor:
                 try:
                     r["_pil"] = open_image(r["_image"], self.options.max_pixels)
                     r["width"], r["height"] = r["_pil"].size
-                    r["_user_mask"] = None if not _has(r.get("_mask")) else open_image(r["_mask"], self.options.max_pixels)
+                    r["_user_mask"] = None if not _has(r.get("_mask")) else _open_mask(r["_mask"], self.options.max_pixels)
                 except ValueError as exc:
                     r.update(status="error", error=str(exc))
                 # Best-of-k: the edit's k samples, decoded once, edited in this call as k independent edits
@@ -239,6 +239,13 @@ class EditActor:
                 lat = latents_BChw[i]
                 r.update(latents=lat.flatten().numpy(), latents_shape=list(lat.shape))
 
+
+
+def _open_mask(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        return open_image(data, max_pixels)
+    except ValueError as exc:
+        raise ValueError(f"mask member: {exc}") from None
 
 
 def _has(value) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # the members taken as the image
 MASK_MEMBERS = ("mask.png", "mask")
 DEFAULT_MAX_PIXELS = 64_000_000  # larger images are refused (decompression-bomb guard)
 # The formats a dataset image (or mask) can be. PIL identifies a file by its content, not its name, so without

@@ -115,6 +115,8 @@ def plan_job(o: JobOptions, log) -> Plan:
     spec = PromptSpec.load(o.prompts)
     probe = describe_model(model_path)  # recommended defaults + fingerprint, without loading weights
     config = EditConfig.from_flat(probe["recommended"], **o.edit)
+    if o.limit is not None and o.limit < 1:
+        raise ValueError(f"`--limit` must be >= 1 but is {o.limit}.")
     k = o.samples_per_edit
     if k < 1:
         raise ValueError(f"`--samples-per-edit` must be >= 1 but is {k}.")
@@ -194,13 +196,16 @@ def build_chain(ray, o: JobOptions, plan: Plan, committed: frozenset, board, act
 class Committer:
     """The driver's side of the stream: counts rows, marks best of k, commits whole edits in parts."""
 
-    def __init__(self, store: OutputStore, o: JobOptions, progress: ProgressLine):
+    def __init__(self, store: OutputStore, o: JobOptions, progress: ProgressLine, shards: list[str]):
         self.store, self.o, self.progress = store, o, progress
         self.counts: Counter = Counter()
         self.unscored_groups = 0
         self.buffer: list[dict] = []
         self.last_flush = time.time()
-        self.samples: set = set()
+        # Samples done, for the progress line: those committed by earlier runs count (their rows never come back).
+        done, read = store.read(columns=["shard", "key"]).to_pylist(), set(shards)
+        self.samples: set = {(r["shard"], r["key"]) for r in done if r["shard"] in read}
+        progress.samples_done = len(self.samples)
 
     def add(self, rows: list[dict]) -> None:
         self.buffer += rows
@@ -247,6 +252,9 @@ def stream(ray, o: JobOptions, plan: Plan, store: OutputStore, committer: Commit
         if committer.counts or "never ran" not in str(exc):
             raise
         log("nothing left to edit: every edit of these shards is committed")
+    finally:
+        committer.progress.board = None
+        ray.kill(board)  # a process of its own: one per job would pile up in a long-lived Ray
     committer.close()
 
 
@@ -269,7 +277,7 @@ def run_job(o: JobOptions, log=print) -> dict:
             f"{o.output}" + (f", {retried} edit(s) with errors to retry" if retried else ""))
         tty = sys.stderr.isatty()
         with quiet_ray(o.verbose), ProgressLine(limit=o.limit, interval=o.progress_seconds, tty=tty) as progress:
-            committer = Committer(store, o, progress)
+            committer = Committer(store, o, progress, plan.shards)
             if already_done:
                 log("nothing left to edit: the last run of this command completed")
             else:

@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 
 
@@ -99,13 +100,10 @@ class ProgressLine:
 
     def text(self, board: dict) -> str:
         now = time.time()
-        parts = [f"[{_duration(now - self.t0)}]"]
-        if self.samples_done == 0:
-            ready = board.get("actors_ready", 0)
-            parts.append(f"{self.phase}: {ready}/{self.actors} actor(s) ready" if board else self.phase)
-            notes = board.get("actor_notes")
-            if notes:
-                parts.append(f"({notes[-1]})")
+        parts = [f"diffedit {_duration(now - self.t0)}: {self.phase}"]
+        if self.phase != "editing" and board:
+            parts[0] += f" ({board.get('actors_ready', 0)}/{self.actors} actor(s) ready"
+            parts[0] += f"; {board['actor_notes'][-1]})" if board.get("actor_notes") else ")"
         total, exact = self._total(board)
         done = f"{self.samples_done}" + (f"/{'' if exact else '~'}{total}" if total else "")
         parts.append(f"samples {done}, rows {self.rows_done} ({self.ok} ok)")
@@ -155,6 +153,7 @@ def quiet_ray(verbose: bool = False):
 
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # e.g. its UserWarning about actor pools with no input
     sys.stderr.flush()
     saved = os.dup(2)
     read_end, write_end = os.pipe()

@@ -410,12 +410,14 @@ class _Checker:
             self.fail(where, f"must be text, got {_show(template)}.")
         shown = _show(template)
         try:
-            fields = [(name, spec) for _, name, spec, _ in string.Formatter().parse(template) if name is not None]
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                      if name is not None]
         except ValueError as e:
             self.fail(where, f"{shown} is not a valid template ({e}); write {{{{ and }}}} for literal braces.")
-        for name, spec in fields:
-            if name != "label":
-                self.fail(where, f"{shown} has the field {{{name}}}; only {{label}} is allowed.")
+        for name, spec, conversion in fields:
+            if name != "label" or conversion:
+                field = name + (f"!{conversion}" if conversion else "")
+                self.fail(where, f"{shown} has the field {{{field}}}; only {{label}} is allowed.")
             if "{" in spec:
                 self.fail(where, f"{shown} has a nested field in a format spec; only {{label}} is allowed.")
         if not fields:

@@ -95,6 +95,8 @@ def test_a_hostile_where_runs_nothing_and_writes_nothing(job, tmp_path):
 def test_a_where_that_is_no_boolean_is_a_clear_error(job, tmp_path):
     with pytest.raises(ValueError, match="a filter must be a boolean expression"):
         export(job, tmp_path / "wds", where="1")
+    with pytest.raises(ValueError, match="empty"):  # an empty variable in a script: not "export everything"
+        export(job, tmp_path / "wds", where="")
     with pytest.raises(ValueError, match="unknown column 'no_such_column'; the columns are: key, edit_id"):
         export(job, tmp_path / "wds", where="no_such_column > 1")
     assert not (tmp_path / "wds").exists()

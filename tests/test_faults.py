@@ -38,6 +38,13 @@ def png(seed: int, size=(24, 20)) -> bytes:
     return buf.getvalue()
 
 
+def gif(seed: int) -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.open(io.BytesIO(png(seed + i))).convert("P") for i in range(2)]
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
 def write_shard(path: Path, keys: list[str], seed: int = 0) -> Path:
     with wds.TarWriter(str(path)) as sink:
         for i, key in enumerate(keys):
@@ -116,13 +123,15 @@ def test_bad_members_are_error_rows_and_the_job_goes_on(tmp_path, tiny_model_dir
         ("reserved.png", png(8)), ("reserved.txt", b"a red circle"), ("reserved.__key__", b"x"),
         ("eps.png", eps), ("eps.txt", b"a red circle"),
         ("huge.png", png(9)), ("huge.txt", b"a red circle" + b" " * 300_000),
+        ("badmask.png", png(10)), ("badmask.txt", b"a red circle"), ("badmask.mask.png", b"\x89PNG not really"),
+        ("anim.gif", gif(11)), ("anim.txt", b"a red circle"),
     ])
     good = write_shard(tmp_path / "good.tar", ["g0", "g1"])
     out = tmp_path / "out"
     job([bad, good], out, tiny_model_dir, prompts=rules, max_member_bytes=200_000)
     df = read(out).set_index("key")
     assert df.index.is_unique
-    ok = {"good", "a", "b", "g0", "g1"}
+    ok = {"good", "a", "b", "g0", "g1", "anim"}
     assert set(df.index[df.status == "ok"]) == ok
     errors = df.loc[sorted(set(df.index) - ok)]
     assert (errors.status == "error").all(), errors[["status", "error"]]
@@ -132,6 +141,7 @@ def test_bad_members_are_error_rows_and_the_job_goes_on(tmp_path, tiny_model_dir
     assert "__key__" in errors.loc["reserved", "error"]
     assert "cannot decode image" in errors.loc["eps", "error"]
     assert "200000" in errors.loc["huge", "error"]
+    assert errors.loc["badmask", "error"].startswith("mask member: cannot decode image")
 
 
 # -- unreadable, truncated, remote shards; retries (items 8, 9) -------------------------------------------------
@@ -168,6 +178,9 @@ def test_unreadable_shards_are_error_rows_and_a_rerun_retries_them(tmp_path, tin
     assert "x" in set(errors.key)
     assert "r0" in set(df.key[df.status == "ok"])
     assert summary["total_by_status"]["error"] == len(errors)
+    from diffedit.manifests.export import status
+
+    assert f"{len(errors)} error row(s), which rerunning" in status(out)["left"]
 
     # Repair all but the s3 shard, and leave that one out of the rerun: the rerun edits what failed and nothing
     # twice, and the error row of the shard it does not read stays.
@@ -279,7 +292,11 @@ def test_user_errors_are_one_line_and_a_non_zero_exit(tmp_path, tiny_model_dir, 
     with monkeypatch.context() as m:
         m.setattr(model_module, "describe_model", no_loading)
         rc, err = run_cli(["run", str(shard), "--output", str(a_file), *common], capsys)
-    assert rc == 2 and err.count("\n") == 1 and "is not a folder" in err
+    assert rc == 2 and err.count("\n") == 1 and "is not a folder" in err and "Error" not in err
+
+    for limit in ("0", "-1"):
+        rc, err = run_cli(["run", str(shard), "--output", str(tmp_path / "o0"), *common, "--limit", limit], capsys)
+        assert rc == 2 and "`--limit` must be >= 1" in err and err.count("\n") == 1
 
     rc, err = run_cli(["run", str(tmp_path / "does-not-exist.tar"), "--output", str(tmp_path / "o1"), *common], capsys)
     assert rc == 2 and err.count("\n") == 1 and "does-not-exist.tar" in err

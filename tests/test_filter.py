@@ -297,3 +297,11 @@ def test_a_number_takes_the_type_of_the_float_column_it_meets():
     assert rows("f - 0.15 == 0", table) == [0]
     assert rows("d == 0.15", table) == [0]
     assert rows("f == d", table) == []  # two columns: float32 0.15 widened is not float64 0.15
+
+
+def test_a_float_column_and_an_int64_column_compare_in_float64():
+    # Arrow alone casts the int64 into float32's exact-integer range and fails on the data (review item 12's
+    # adversarial follow-up: `mask_fraction < seed`)
+    table = pa.table({"f": pa.array([0.5, 2.0], pa.float32()), "seed": pa.array([1902976081264813921, 1], pa.int64())})
+    assert rows("f < seed", table) == [0]
+    assert rows("seed > f", table) == [0]

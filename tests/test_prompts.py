@@ -110,6 +110,7 @@ def test_skip_reason_says_key_not_in_table(tmp_path):
 # Item 14: the whole file is checked at load time; every message names the file and the entry.
 BAD_FILES = {
     "template_unknown_field": ("labels: {names: [cat, dog], template: 'a photo of a {labell}'}", r"labels.template.*\{labell\}"),
+    "template_conversion": ("labels: {names: [cat, dog], template: 'a photo of a {label!r}'}", r"labels.template.*\{label!r\}"),
     "template_positional": ("labels: {names: [cat, dog], template: 'a photo of a {}'}", r"labels.template.*field \{\}"),
     "template_bad_spec": ("labels: {names: [cat, dog], template: 'a photo of a {label:d}'}", r"labels.template.*cannot be filled"),
     "template_unbalanced": ("labels: {names: [cat, dog], template: 'a photo of a {label'}", r"labels.template.*not a valid"),
