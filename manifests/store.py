@@ -146,6 +146,11 @@ class OutputStore:
         os.replace(tmp, self.parts / name)
         return self.parts / name
 
+    def failed_samples(self) -> set[tuple[str, str]]:
+        """(shard, key) of every sample that has an error row."""
+        table = self.read(columns=["shard", "key", "status"])
+        return {(r["shard"], r["key"]) for r in table.to_pylist() if r["status"] == "error"}
+
     def uncommit_errors(self, shards: frozenset[str]) -> int:
         """Remove every edit of ``shards`` (all rows of its shard, key and edit index) that has an error row;
         returns how many."""

@@ -1,4 +1,4 @@
-"""The Ray-facing callables: prompt expansion (CPU tasks) and the edit actor (GPU, or CPU).
+"""The Ray-facing callables: shard reading and prompt expansion (CPU tasks), and the edit actor (GPU, or CPU).
 
 Thin adapters: the mathematics is ``diffedit.stages.editor.edit_batch``; the row format is
 ``diffedit.manifests.schema``. One actor loads the weights once and runs the three DiffEdit steps fused
@@ -86,6 +86,8 @@ def expand_sample(sample: dict, options: ExpandOptions, committed: frozenset) ->
     """One sample (SAMPLE_SCHEMA) -> one row per edit (status pending; the actor makes its k samples), or one
     skipped/error row; committed edits dropped (an edit's samples are committed together, so one committed id
     is enough)."""
+    if sample_id(sample["shard"], sample["key"]) in committed:  # kept with its error row (--no-retry-errors)
+        return []
     base = dict(key=sample["key"], shard=sample["shard"], _image=None, _mask=None)
     if sample["error"]:
         rows = [empty_row(**base, edit_index=0, status="error", error=sample["error"], source_prompt=sample["caption"])]

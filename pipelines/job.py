@@ -20,14 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..manifests.best import DEFAULT_BEST_BY, NO_SCORE_RULE, check_best_by, complete_groups, mark_best
-from ..manifests.schema import SCHEMA_VERSION
+from ..manifests.schema import SCHEMA_VERSION, sample_id
 from ..manifests.store import OutputStore
 from .actor import (CALLS_IN_FLIGHT, ActorOptions, EditActor, ExpandOptions, committed_edits, expand_sample,
                     read_samples)
 from .inputs import DEFAULT_MAX_PIXELS, expand_inputs
 from .progress import ProgressBoard, ProgressLine, quiet_ray
 from .prompts import PromptSpec
-from .shards import DEFAULT_MAX_MEMBER_BYTES
+from .shards import DEFAULT_MAX_MEMBER_BYTES, shard_error_key
 
 
 @dataclass
@@ -175,7 +175,11 @@ def build_chain(ray, o: JobOptions, plan: Plan, committed: frozenset, board, act
     def expand(row, committed_ref=committed_ref):
         return expand_sample(row, expand_options, committed_edits(committed_ref))
 
-    ds = ray.data.from_items([{"shard": s} for s in plan.shards], override_num_blocks=len(plan.shards))
+    # With --no-retry-errors, a shard that has a shard error row is not read again (its error row stays).
+    shards = [s for s in plan.shards if sample_id(s, shard_error_key(s)) not in committed]
+    if not shards:
+        return None
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(read_samples, batch_size=1, batch_format="pyarrow",
                         fn_kwargs=dict(caption_field=o.caption_field, max_member_bytes=o.max_member_bytes, board=board))
     if o.limit is not None:
@@ -231,13 +235,27 @@ class Committer:
                                "not committed; rerun the same command to edit them again")
 
 
+def _done(store: OutputStore, o: JobOptions) -> frozenset:
+    """What expand_sample drops: the committed edit ids and, when error rows are kept (--no-retry-errors), the
+    sample ids (manifests.schema.sample_id) of the samples that have one, so a repaired sample is not edited
+    beside its error row."""
+    done = set(store.committed_ids())
+    if not o.retry_errors:
+        done |= {sample_id(shard, key) for shard, key in store.failed_samples()}
+    return frozenset(done)
+
+
 def stream(ray, o: JobOptions, plan: Plan, store: OutputStore, committer: Committer, log) -> None:
     """Run the Ray chain and commit what it yields."""
     board = ray.remote(num_cpus=0)(ProgressBoard).remote(len(plan.shards))
     committer.progress.board = board
     actors, resources, calls = _resources(ray, o)
     committer.progress.actors = actors
-    ds = build_chain(ray, o, plan, frozenset(store.committed_ids()), board, actors, resources, calls)
+    ds = build_chain(ray, o, plan, _done(store, o), board, actors, resources, calls)
+    if ds is None:
+        ray.kill(board)
+        log("nothing left to edit: every shard has a kept shard error row (--no-retry-errors)")
+        return
     k = o.samples_per_edit
     log(f"editing with {actors} actor(s) ({'GPU x %g each' % resources['num_gpus'] if 'num_gpus' in resources else 'CPU'}), "
         f"batch size {o.batch_size}" + (f" edits x {k} samples" if k > 1 else ""))

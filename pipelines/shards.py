@@ -215,8 +215,13 @@ def _read(tar: tarfile.TarFile, key: str, entries: list[tuple[str, tarfile.TarIn
     return RawSample(key, members)
 
 
+def shard_error_key(url: str) -> str:
+    """The key of a shard's own error record (and row)."""
+    return f"<shard {url}>"
+
+
 def _shard_error(name: str, message: str) -> RawSample:
-    return RawSample(f"<shard {name}>", {}, message, shard_error=True)
+    return RawSample(shard_error_key(name), {}, message, shard_error=True)
 
 
 def _after(members: list[tarfile.TarInfo]) -> str:

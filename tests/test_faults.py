@@ -198,6 +198,24 @@ def test_unreadable_shards_are_error_rows_and_a_rerun_retries_them(tmp_path, tin
     assert job(inputs, out, tiny_model_dir, prompts=rules, retry_errors=False)["new_rows"] == 0
 
 
+def test_kept_error_rows_are_not_edited_again_beside_a_repaired_input(tmp_path, tiny_model_dir, rules):
+    bad_json = raw_tar(tmp_path / "json.tar", [("j.png", png(1)), ("j.txt", b"a red circle"), ("j.json", b"{oops")])
+    cut = write_shard(tmp_path / "cut.tar", ["c0", "c1"])
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[:100])  # not even one header: the shard's own error row only
+    out = tmp_path / "out"
+    job([bad_json, cut], out, tiny_model_dir, prompts=rules)
+    before = read(out)
+    assert (before.status == "error").all() and len(before) == 2
+    raw_tar(bad_json, [("j.png", png(1)), ("j.txt", b"a red circle"), ("j.json", b"{}")])
+    cut.write_bytes(whole)
+    assert job([bad_json, cut], out, tiny_model_dir, prompts=rules, retry_errors=False)["new_rows"] == 0
+    assert sorted(read(out).edit_id) == sorted(before.edit_id)  # kept as they were, nothing beside them
+    job([bad_json, cut], out, tiny_model_dir, prompts=rules)  # the default retries them
+    after = read(out)
+    assert (after.status == "ok").all() and sorted(after.key) == ["c0", "c1", "j"]
+
+
 def test_a_retry_uncommits_whole_edits_of_the_shards_it_reads_only(tmp_path):
     from diffedit.manifests.schema import empty_row
 
