@@ -46,3 +46,15 @@ def kill_part_way():
         time.sleep(1)
 
     return run
+
+
+# The fast tier (`python -m pytest -m "not slow"`, about 1.5 minutes on 2 cores): every test except those of the
+# modules that run the whole job on a local Ray (or in a subprocess), a notebook, a browser or a cluster.
+SLOW_MODULES = {"test_job", "test_best_of_k", "test_faults", "test_eval", "test_notebook", "test_gallery",
+                "test_cluster_multinode"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
