@@ -19,9 +19,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
-import shutil
 import uuid
 from pathlib import Path
 
@@ -162,6 +162,8 @@ class OutputStore:
             rows = table.select(["shard", "key", "edit_index", "status"]).to_pylist()
             failed = {(r["shard"], r["key"], r["edit_index"]) for r in rows
                       if r["status"] == "error" and r["shard"] in shards}
+            if not failed:
+                continue
             keep = [(r["shard"], r["key"], r["edit_index"]) not in failed for r in rows]
             removed += len(failed)
             self._replace_part(f, table.filter(pa.array(keep)))

@@ -120,7 +120,7 @@ def sample_from_raw(raw, shard: str, caption_field: str = "txt") -> Sample:
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode fully (truncation shows here), refusing images over ``max_pixels``; raises ValueError."""
     try:
-        Image.init()  # registers every plugin once (MPO, WEBP, TIFF are not among PIL's preloaded ones)
+        Image.init()  # registers every plugin once (WEBP and TIFF are not among PIL's preloaded ones)
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
