@@ -334,6 +334,32 @@ def test_user_errors_are_one_line_and_a_non_zero_exit(tmp_path, tiny_model_dir, 
     assert rc == 2 and "No space left on device" in err and err.count("\n") == 1, err
 
 
+def test_a_read_only_output_is_one_line(tmp_path, tiny_model_dir, rules, capsys, monkeypatch):
+    shard = write_shard(tmp_path / "a.tar", ["k"])
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    args = ["run", str(shard), "--output", str(parent / "out"), "--model", str(tiny_model_dir), "--prompts", rules,
+            "--device", "cpu", "--no-scores"]
+    if os.geteuid() != 0:  # a real read-only folder (root writes through file modes)
+        parent.chmod(0o555)
+        try:
+            rc, err = run_cli(args, capsys)
+        finally:
+            parent.chmod(0o755)
+    else:  # as root: the filesystem's answer, simulated where the output folder is made
+        real_mkdir = Path.mkdir
+
+        def read_only(self, *a, **k):
+            if str(self).startswith(str(parent)):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *a, **k)
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+        rc, err = run_cli(args, capsys)
+    assert rc == 2 and err.startswith("diffedit run: error: PermissionError") and err.count("\n") == 1, err
+    assert "read-only" in err or "Permission denied" in err
+
+
 def test_status_into_a_closed_pipe_is_quiet(tmp_path):
     from diffedit.manifests.schema import empty_row
 
