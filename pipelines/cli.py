@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+from importlib.metadata import entry_points
 
 EDIT_OPTIONS = [
     # (flag, type, help) — the flat keys of diffedit.stages.config.EditConfig
@@ -103,15 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--html", help="where to write it (default OUT/gallery.html)")
     ga.set_defaults(func=_gallery)
 
-    try:
-        from ..shapes.eval import add_cli as add_eval_cli
-        from ..shapes.scenes import add_cli
-    except ImportError:  # the shapes world is optional
-        pass
-    else:
-        shapes = sub.add_parser("shapes", help="the shapes world: a benchmark with ground truth")
-        add_cli(shapes.add_subparsers(dest="shapes_command", required=True))
-        add_eval_cli(sub, EDIT_OPTIONS)
+    for command in entry_points(group="diffedit.commands"):  # the shapes world's `shapes` and `eval` (shapes/cli.py)
+        command.load()(sub, EDIT_OPTIONS)
     return parser
 
 

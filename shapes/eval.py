@@ -40,7 +40,7 @@ from PIL import Image
 from . import scenes
 from .check_samples import judge as silhouette_judge
 
-EVAL_SEED = 0  # the default held-out scene seed (< scenes.TRAIN_SEED_MIN)
+EVAL_SEED = scenes.EVAL_SEED
 LATENT_CELL = 4  # pixels per latent cell of the shipped VAE (64 -> 16): the dilation of psnr_bg4
 PSNR_MAX = 100.0  # dB, for identical regions (JSON has no infinity)
 # One colour and one shape swap per one-object caption. Swaps keep the article right ("an orange" is
@@ -313,31 +313,8 @@ def run_eval(n: int = 64, seed: int = EVAL_SEED, model: str | None = None, out: 
     return summary, rows
 
 
-def add_cli(subparsers, edit_options) -> None:
-    """Register ``eval`` on the `diffedit` command's subparsers; ``edit_options`` are run's edit flags."""
-    p = subparsers.add_parser(
-        "eval", help="edit quality on held-out shapes scenes (JSON on stdout)",
-        description="Generate held-out one-object scenes of the shapes world (seeds below "
-                    f"{scenes.TRAIN_SEED_MIN:,}: never seen in training), run the real job on them with a colour and a "
-                    "shape swap per scene, judge every edit against the ground truth and print JSON: mask_iou, "
-                    "color_success, shape_success, psnr_bg, psnr_bg4, their VAE ceilings, mask_iou_ceiling, n, a "
-                    "breakdown by edit kind, the parameters used and the judges. docs/QUALITY.md explains the metrics.")
-    p.add_argument("--n", type=int, default=64, help="held-out one-object scenes (default 64; two edits each)")
-    p.add_argument("--model", help="diffusers model folder (default: the shipped shapes model)")
-    p.add_argument("--seed", type=int, default=EVAL_SEED, help="scene seed, below 1,000,000 (default 0)")
-    p.add_argument("--edit-seed", type=int, default=0, help="the job's --seed: each edit's noise (default 0)")
-    p.add_argument("--out", help="work folder: shards/, rules.json, job/ (the manifest), eval.json (default: a temp folder)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per actor batch (default 8)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the job's actor runs")
-    p.add_argument("--overwrite", action="store_true", help="restart a job already in --out with other parameters")
-    p.add_argument("--rows", action="store_true", help="also print every edit's metrics (key 'rows')")
-    for flag, typ, help_ in edit_options:
-        p.add_argument(flag, type=typ, help=help_)
-    p.add_argument("--conditional-encoding", action="store_true", default=None, help="as in `diffedit run`")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
+def cli(args) -> int:
+    """`diffedit eval` (registered by shapes/cli.py)."""
     import sys
 
     from ..stages.config import FLAT_KEYS

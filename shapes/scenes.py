@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 SIZE = 64
 SUPERSAMPLE = 4  # shapes are drawn at 4x and averaged down: anti-aliased edges, masks at coverage >= 0.5
 TRAIN_SEED_MIN = 1_000_000  # training seeds are >= this; evaluation seeds are below it
+EVAL_SEED = 0  # the default held-out scene seed of `diffedit eval` (< TRAIN_SEED_MIN)
 
 # Object colours: saturated, far from each other and from the muted backgrounds.
 COLORS = {
