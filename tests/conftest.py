@@ -49,12 +49,13 @@ def kill_part_way():
 
 
 # The fast tier (`python -m pytest -m "not slow"`, about 1.5 minutes on 2 cores): every test except those of the
-# modules that run the whole job on a local Ray (or in a subprocess), a notebook, a browser or a cluster.
+# modules that run the whole job on a local Ray (or in a subprocess), a notebook, a browser or a cluster; a test of
+# those modules marked `fast_tier` stays in it (one small job, end to end, through the command line).
 SLOW_MODULES = {"test_job", "test_best_of_k", "test_faults", "test_eval", "test_notebook", "test_gallery",
                 "test_cluster_multinode"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES and not item.get_closest_marker("fast_tier"):
             item.add_marker(pytest.mark.slow)

@@ -375,6 +375,7 @@ def test_status_into_a_closed_pipe_is_quiet(tmp_path):
 
 # -- what a user sees while the job runs (item 17) --------------------------------------------------------------
 
+@pytest.mark.fast_tier
 def test_progress_from_the_start_and_no_ray_noise(tmp_path, tiny_model_dir, rules):
     shard = write_shard(tmp_path / "a.tar", [f"k{i}" for i in range(6)])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
