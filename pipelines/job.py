@@ -204,6 +204,7 @@ class Committer:
         self.store, self.o, self.progress = store, o, progress
         self.counts: Counter = Counter()
         self.unscored_groups = 0
+        self.shard_errors = 0
         self.buffer: list[dict] = []
         self.last_flush = time.time()
         # Samples done, for the progress line: those committed by earlier runs count (their rows never come back).
@@ -214,6 +215,7 @@ class Committer:
     def add(self, rows: list[dict]) -> None:
         self.buffer += rows
         self.counts.update(r["status"] for r in rows)
+        self.shard_errors += sum(r["status"] == "error" and r["key"] == shard_error_key(r["shard"]) for r in rows)
         self.samples.update((r["shard"], r["key"]) for r in rows)
         self.progress.samples_done, self.progress.ok = len(self.samples), self.counts["ok"]
         self.progress.rows_done = sum(self.counts.values())
@@ -305,6 +307,10 @@ def run_job(o: JobOptions, log=print) -> dict:
         store.finish(summary)
     finally:
         store.close()
+    if committer.counts["error"]:
+        log(f"note: {committer.counts['error']} error row(s), {committer.shard_errors} of them for shards that could not "
+            f"be read; `diffedit status {o.output}` lists the reasons"
+            + (", and rerunning this command retries them" if o.retry_errors else ""))
     log("done: " + json.dumps(summary))
     return summary
 

@@ -62,11 +62,11 @@ def raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-def job(inputs, out, model, **kw) -> dict:
+def job(inputs, out, model, log=lambda *a: None, **kw) -> dict:
     options = dict(inputs=[str(i) for i in inputs], output=str(out), model=str(model), prompts=kw.pop("prompts"),
                    edit=dict(FAST), batch_size=4, scores=False)
     options.update(kw)
-    return run_job(JobOptions(**options), log=lambda *a: None)
+    return run_job(JobOptions(**options), log=log)
 
 
 def read(out) -> pd.DataFrame:
@@ -168,7 +168,8 @@ def test_unreadable_shards_are_error_rows_and_a_rerun_retries_them(tmp_path, tin
     unreachable = "s3://diffedit-test/shard.tar?endpoint_override=127.0.0.1:9&scheme=http"  # nothing listens there
     inputs = [truncated, broken_image, f"{url}/remote.tar", f"{url}/missing.tar", unreachable]
     out = tmp_path / "out"
-    summary = job(inputs, out, tiny_model_dir, prompts=rules)
+    said = []
+    summary = job(inputs, out, tiny_model_dir, prompts=rules, log=said.append)
     df = read(out)
     assert df.edit_id.is_unique
     errors = df[df.status == "error"]
@@ -181,6 +182,7 @@ def test_unreadable_shards_are_error_rows_and_a_rerun_retries_them(tmp_path, tin
     from diffedit.manifests.export import status
 
     assert f"{len(errors)} error row(s), which rerunning" in status(out)["left"]
+    assert any(f"{len(errors)} error row(s), 3 of them for shards that could not be read" in s for s in said), said
 
     # Repair all but the s3 shard, and leave that one out of the rerun: the rerun edits what failed and nothing
     # twice, and the error row of the shard it does not read stays.
