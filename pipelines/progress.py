@@ -1,10 +1,10 @@
 """Live progress of a job: what the workers report, and the line the driver keeps up to date.
 
 Workers report to a ``ProgressBoard`` (a small Ray actor, no CPU reserved): each read task once per shard
-(samples read), each edit actor when it has loaded (and compiled) its model. The driver counts the rows it
-commits. ``ProgressLine`` prints, every few seconds from a thread of its own, the phase (starting Ray,
-loading the model, editing), rows done, rate and ETA. On a terminal it rewrites one line in place; in a log
-it prints a line every ``interval`` seconds.
+(samples read), each edit actor when it has loaded its model. The driver counts the rows it commits.
+``ProgressLine`` prints, every few seconds from a thread of its own, the phase (starting Ray, loading the
+model, editing the first batch, editing), rows done, rate and ETA. On a terminal it rewrites one line in
+place; in a log it prints a line every ``interval`` seconds.
 
 The total is known once every shard is read (until then it is estimated from the shards read so far, and
 marked ``~``), so the ETA is the time left at the rate of the last minute.
@@ -100,7 +100,10 @@ class ProgressLine:
 
     def text(self, board: dict) -> str:
         now = time.time()
-        parts = [f"diffedit {_duration(now - self.t0)}: {self.phase}"]
+        phase = self.phase
+        if phase.startswith("loading") and board.get("actors_ready"):  # a model is up: its first batch is running
+            phase = "editing the first batch" + (" (compiling)" if "compiling" in phase else "")
+        parts = [f"diffedit {_duration(now - self.t0)}: {phase}"]
         if self.phase != "editing" and board:
             parts[0] += f" ({board.get('actors_ready', 0)}/{self.actors} actor(s) ready"
             parts[0] += f"; {board['actor_notes'][-1]})" if board.get("actor_notes") else ")"

@@ -15,7 +15,8 @@ def test_phase_before_the_first_rows_then_estimated_then_exact_totals():
     line.phase = "loading the model"
     board = dict(shards=4, shards_read=0, samples_read=0, actors_ready=1, actor_notes=["model loaded on cpu in 3 s"])
     text = line.text(board)
-    assert "loading the model (1/2 actor(s) ready" in text and "model loaded on cpu" in text and "ETA" not in text
+    assert "editing the first batch (1/2 actor(s) ready" in text and "model loaded on cpu" in text and "ETA" not in text
+    assert "loading the model (0/2 actor(s) ready)" in line.text(dict(board, actors_ready=0, actor_notes=[]))
 
     line.phase = "editing"
     line._recent.clear()
