@@ -156,17 +156,14 @@ class OutputStore:
         returns how many."""
         removed = 0
         for f in self.part_files():
-            table = pq.read_table(f)
-            if "error" not in table.column("status").to_pylist():
-                continue
-            rows = table.select(["shard", "key", "edit_index", "status"]).to_pylist()
+            rows = pq.read_table(f, columns=["shard", "key", "edit_index", "status"]).to_pylist()
             failed = {(r["shard"], r["key"], r["edit_index"]) for r in rows
                       if r["status"] == "error" and r["shard"] in shards}
             if not failed:
-                continue
+                continue  # the part's images are read only when it has rows to drop
             keep = [(r["shard"], r["key"], r["edit_index"]) not in failed for r in rows]
             removed += len(failed)
-            self._replace_part(f, table.filter(pa.array(keep)))
+            self._replace_part(f, pq.read_table(f).filter(pa.array(keep)))
         return removed
 
     def _replace_part(self, part: Path, table: pa.Table) -> None:

@@ -197,6 +197,12 @@ def build_chain(ray, o: JobOptions, plan: Plan, committed: frozenset, board, act
     )
 
 
+def _first_row(row: dict) -> bool:
+    """Whether ``row`` is its sample's first (edit 0, sample 0): every sample has exactly one, error and skipped
+    samples included."""
+    return row["edit_index"] == 0 and not row["sample_index"]
+
+
 class Committer:
     """The driver's side of the stream: counts rows, marks best of k, commits whole edits in parts."""
 
@@ -207,17 +213,18 @@ class Committer:
         self.shard_errors = 0
         self.buffer: list[dict] = []
         self.last_flush = time.time()
-        # Samples done, for the progress line: those committed by earlier runs count (their rows never come back).
-        done, read = store.read(columns=["shard", "key"]).to_pylist(), set(shards)
-        self.samples: set = {(r["shard"], r["key"]) for r in done if r["shard"] in read}
-        progress.samples_done = len(self.samples)
+        # Samples done, for the progress line, counted by their first row (no set grows with the job); those
+        # committed by earlier runs count too, since their rows never come back.
+        read = set(shards)
+        done = store.read(columns=["shard", "edit_index", "sample_index"]).to_pylist()
+        progress.samples_done = sum(_first_row(r) for r in done if r["shard"] in read)
 
     def add(self, rows: list[dict]) -> None:
         self.buffer += rows
         self.counts.update(r["status"] for r in rows)
         self.shard_errors += sum(r["status"] == "error" and r["key"] == shard_error_key(r["shard"]) for r in rows)
-        self.samples.update((r["shard"], r["key"]) for r in rows)
-        self.progress.samples_done, self.progress.ok = len(self.samples), self.counts["ok"]
+        self.progress.samples_done += sum(_first_row(r) for r in rows)
+        self.progress.ok = self.counts["ok"]
         self.progress.rows_done = sum(self.counts.values())
         if len(self.buffer) >= self.o.rows_per_part or time.time() - self.last_flush > 30:
             self.flush()
@@ -237,23 +244,24 @@ class Committer:
                                "not committed; rerun the same command to edit them again")
 
 
-def _done(store: OutputStore, o: JobOptions) -> frozenset:
+def _done(store: OutputStore, o: JobOptions, committed: set[str]) -> frozenset:
     """What expand_sample drops: the committed edit ids and, when error rows are kept (--no-retry-errors), the
     sample ids (manifests.schema.sample_id) of the samples that have one, so a repaired sample is not edited
     beside its error row."""
-    done = set(store.committed_ids())
+    done = set(committed)
     if not o.retry_errors:
         done |= {sample_id(shard, key) for shard, key in store.failed_samples()}
     return frozenset(done)
 
 
-def stream(ray, o: JobOptions, plan: Plan, store: OutputStore, committer: Committer, log) -> None:
+def stream(ray, o: JobOptions, plan: Plan, store: OutputStore, committer: Committer, committed: set[str],
+           log) -> None:
     """Run the Ray chain and commit what it yields."""
     board = ray.remote(num_cpus=0)(ProgressBoard).remote(len(plan.shards))
     committer.progress.board = board
     actors, resources, calls = _resources(ray, o)
     committer.progress.actors = actors
-    ds = build_chain(ray, o, plan, _done(store, o), board, actors, resources, calls)
+    ds = build_chain(ray, o, plan, _done(store, o, committed), board, actors, resources, calls)
     if ds is None:
         ray.kill(board)
         log("nothing left to edit: every shard has a kept shard error row (--no-retry-errors)")
@@ -293,7 +301,8 @@ def run_job(o: JobOptions, log=print) -> dict:
         already_done = bool(previous and previous.get("completed") and not retried
                             and previous.get("shards_digest") == plan.run["shards_digest"]
                             and previous.get("options", {}).get("limit") == o.limit)
-        log(f"diffedit run: {len(plan.shards)} shard(s), {len(store.committed_ids())} edit(s) already committed in "
+        committed = store.committed_ids()
+        log(f"diffedit run: {len(plan.shards)} shard(s), {len(committed)} edit(s) already committed in "
             f"{o.output}" + (f", {retried} edit(s) with errors to retry" if retried else ""))
         tty = sys.stderr.isatty()
         with quiet_ray(o.verbose), ProgressLine(limit=o.limit, interval=o.progress_seconds, tty=tty) as progress:
@@ -302,7 +311,7 @@ def run_job(o: JobOptions, log=print) -> dict:
                 log("nothing left to edit: the last run of this command completed")
             else:
                 progress.phase = "starting Ray"
-                stream(_init_ray(o.address, o.verbose), o, plan, store, committer, log)
+                stream(_init_ray(o.address, o.verbose), o, plan, store, committer, committed, log)
         summary = _summary(store, committer, o, time.time() - t0)
         store.finish(summary)
     finally:
