@@ -7,24 +7,15 @@ decided on all k rows, and a resume finds a group either committed whole or not 
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
+
+from .schema import SCORE_COLUMNS, missing
 
 # Which way is better, for each score ``--best-by`` may name. Every score but LPIPS is a similarity (of the
 # edit to a prompt, to the source image, or to the source inside / outside the mask): higher is better.
 # LPIPS is a distance between the source and the edit: lower is better.
-BETTER = {
-    "clip_directional": "higher",  # the default: the image moved the way the prompts moved (InstructPix2Pix)
-    "clip_target": "higher",
-    "clip_source": "higher",
-    "clip_image": "higher",
-    "lpips": "lower",
-    "psnr_bg": "higher",
-    "ssim_bg": "higher",
-    "psnr_fg": "higher",
-    "ssim_fg": "higher",
-}
-DEFAULT_BEST_BY = "clip_directional"
+BETTER = {name: "lower" if name == "lpips" else "higher" for name in SCORE_COLUMNS}
+DEFAULT_BEST_BY = "clip_directional"  # the image moved the way the prompts moved (InstructPix2Pix)
 NO_SCORE_RULE = "when no ok sample of an edit has the score, the ok sample with the lowest sample_index (sample 0)"
 
 
@@ -58,10 +49,6 @@ def complete_groups(rows: list[dict], k: int) -> tuple[list[dict], list[dict]]:
     return ready, held
 
 
-def _has(value) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
 def mark_best(rows: list[dict], best_by: str) -> int:
     """Set ``best`` on whole groups: True on the ok row with the best ``best_by`` score (ties: the lowest
     sample_index), False on every other row. Returns how many groups had several ok samples and none scored
@@ -74,7 +61,7 @@ def mark_best(rows: list[dict], best_by: str) -> int:
             groups[group_key(r)].append(r)
     unscored = 0
     for members in groups.values():
-        scored = [r for r in members if _has(r.get(best_by))]
+        scored = [r for r in members if not missing(r.get(best_by))]
         if scored:
             winner = max(scored, key=lambda r: (sign * r[best_by], -r["sample_index"]))
         else:

@@ -24,11 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .filter import FilterError, parse
-from .schema import SCHEMA, SCHEMA_VERSION, SCORE_COLUMNS
+from .schema import SCHEMA, SCHEMA_VERSION, SCORE_COLUMNS, missing
 from .store import OutputStore
 
+MEASURES = ("mask_fraction", *SCORE_COLUMNS)  # the numbers `status` summarises
 EXPORT_COLUMNS = ("key", "edit_id", "shard", "source_prompt", "target_prompt", "seed", "sample_index", "best", "width",
-                  "height", "mask_fraction", *SCORE_COLUMNS, "mask_png", "edited_png", "edited_jpg")
+                  "height", *MEASURES, "mask_png", "edited_png", "edited_jpg")
 EXPORT_MARKER = "export.json"  # what was exported, from where, with which filter; written last
 SHARD_NAME = re.compile(r"edits-[0-9]+\.tar")
 
@@ -38,12 +39,11 @@ def status(out: str | Path) -> dict:
     run = store.read_run()
     if run is None:
         raise FileNotFoundError(f"{out} holds no diffedit job (no run.json).")
-    table = store.read(columns=["shard", "key", "edit_index", "sample_index", "best", "status", "error", "mask_fraction",
-                                *SCORE_COLUMNS])
+    table = store.read(columns=["shard", "key", "edit_index", "sample_index", "best", "status", "error", *MEASURES])
     df = table.to_pandas()
     errors = Counter(str(e).split(":")[0][:80] for e in df.loc[df.status == "error", "error"])
     scores = {}
-    for col in ["mask_fraction", *SCORE_COLUMNS]:
+    for col in MEASURES:
         values = df.loc[df.status == "ok", col].dropna()
         if len(values):
             q = values.quantile([0.1, 0.5, 0.9])
@@ -72,8 +72,9 @@ def _best_of_k(df: pd.DataFrame, run: dict) -> dict:
     """Edits (groups of k samples), how many have a best row, and how many chose it without the score."""
     edits = df[df.sample_index.notna()]
     ok = edits[edits.status == "ok"]
-    by = run.get("best_by")
-    out = dict(samples_per_edit=run.get("samples_per_edit", 1), best_by=by,
+    sampling = run.get("sampling") or {}
+    by = sampling.get("best_by")
+    out = dict(samples_per_edit=sampling.get("samples_per_edit", 1), best_by=by,
                edits=int(edits.groupby(["shard", "key", "edit_index"]).ngroups),
                edits_with_an_ok_sample=int(ok.groupby(["shard", "key", "edit_index"]).ngroups),
                best_rows=int((df.best == True).sum()))  # noqa: E712 (best may hold nulls: old or foreign rows)
@@ -200,4 +201,4 @@ def _move_into_place(tmp: Path, to: Path) -> None:
 
 def _num(v):
     """A float for strict JSON: NaN and infinities (PSNR of an unchanged region is +inf) become null."""
-    return None if v is None or not math.isfinite(v) else float(v)
+    return None if missing(v) or math.isinf(v) else float(v)

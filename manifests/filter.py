@@ -152,12 +152,16 @@ class Not(Node):
         return pc.invert(self.children[0].eval(table))
 
 
-class Arithmetic(Node):
-    kind = "num"
+class Operator(Node):
+    """A node of an operator (``op``: its spelling) over its operands."""
 
-    def __init__(self, pos, op, left, right):
-        super().__init__(pos, left, right)
+    def __init__(self, pos, op, *operands):
+        super().__init__(pos, *operands)
         self.op = op
+
+
+class Arithmetic(Operator):
+    kind = "num"
 
     def eval(self, table):
         a, b = _operands(self.children, table)
@@ -167,25 +171,17 @@ class Arithmetic(Node):
         return {"+": pc.add_checked, "-": pc.subtract_checked, "*": pc.multiply_checked}[self.op](a, b)
 
 
-class Compare(Node):
+class Compare(Operator):
     kind = "bool"
-
-    def __init__(self, pos, op, left, right):
-        super().__init__(pos, left, right)
-        self.op = op
 
     def eval(self, table):
         return COMPARISONS[self.op](*_operands(self.children, table))
 
 
-class Logical(Node):
+class Logical(Operator):
     """``and``/``or`` over any number of operands (a flat list, so a long chain is not a deep tree)."""
 
     kind = "bool"
-
-    def __init__(self, pos, op, operands):
-        super().__init__(pos, *operands)
-        self.op = op
 
     def eval(self, table):
         combine = pc.and_kleene if self.op == "and" else pc.or_kleene
@@ -398,16 +394,20 @@ class _Parser:
             return first
         for o in operands:
             self.check(o, "bool", what=f"`{word}`")
-        return self.node(Logical, first.pos, word, operands)
+        return self.node(Logical, first.pos, word, *operands)
 
     def not_expr(self) -> Node:
         if self.at("not", "~"):
-            pos = self.next()[2]
-            self.deeper(pos)
-            operand = self.check(self.not_expr(), "bool", what="`not`")
-            self.nesting -= 1
-            return self.node(Not, pos, operand)
+            return self.prefix(Not, self.not_expr, "bool", what="`not`")
         return self.comparison()
+
+    def prefix(self, cls, operand, kind: str, what: str) -> Node:
+        """A prefix operator (``not``, ``-``) over ``operand()``, which nests one level deeper."""
+        pos = self.next()[2]
+        self.deeper(pos)
+        inner = self.check(operand(), kind, what=what)
+        self.nesting -= 1
+        return self.node(cls, pos, inner)
 
     def comparison(self) -> Node:
         left = self.sum()
@@ -419,7 +419,7 @@ class _Parser:
                     self.fail("a comparison with null is never true: write `x is null` or `x is not null`")
                 terms.append(self.sum())
             compares = [self.compare(op, a, b) for op, a, b in zip(ops, terms, terms[1:])]
-            return compares[0] if len(compares) == 1 else self.node(Logical, left.pos, "and", compares)
+            return compares[0] if len(compares) == 1 else self.node(Logical, left.pos, "and", *compares)
         if self.at("is"):
             self.next()
             negated = self.at("not")
@@ -489,11 +489,7 @@ class _Parser:
             pos = self.next()[2]
             return self.node(Literal, pos, self.number(self.next()[1], pos, negative=True))
         if self.at("-"):
-            pos = self.next()[2]
-            self.deeper(pos)
-            operand = self.check(self.unary(), "num", what="`-`")
-            self.nesting -= 1
-            return self.node(Negate, pos, operand)
+            return self.prefix(Negate, self.unary, "num", what="`-`")
         return self.primary()
 
     def primary(self) -> Node:

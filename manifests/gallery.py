@@ -13,7 +13,7 @@ sortable by any score, filterable by status and by a score threshold, and paged,
 After each render the page writes a JSON summary (cards shown, images decoded, errors caught) into the
 hidden ``#gallery-status`` element, which the tests read from a headless browser.
 
-Reads the Parquet manifest with pyarrow only; the column names are those of ``docs/DESIGN.md``: ``key``,
+Reads the Parquet manifest with pyarrow only; the column names are those of ``schema.py``: ``key``,
 ``edit_id``, ``source_prompt``, ``target_prompt``, ``status``, ``error``, ``mask_png``, ``edited_png`` or
 ``edited_jpg``, optional ``source_png`` / ``source_jpg``, and the score columns (every floating-point column).
 """
@@ -34,6 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .schema import missing
+from .store import OutputStore
+
 TEXT_COLUMNS = ("key", "edit_id", "source_prompt", "target_prompt", "status", "error")
 IMAGE_COLUMNS = {"edit": ("edited_png", "edited_jpg"), "source": ("source_png", "source_jpg"), "mask": ("mask_png",)}
 OVERLAY_RGB = np.array([255, 0, 64], dtype=np.float32)  # the mask's colour, drawn at 50% over the image
@@ -44,15 +47,17 @@ DEFAULT_LIMIT = 500
 
 
 def manifest_files(source: str | Path) -> list[Path]:
-    """The Parquet files of an output folder (``OUT/manifest/*.parquet``), a folder of them, or one file."""
+    """The Parquet files of an output folder (its committed parts, as ``store.py`` finds them), of a folder of
+    Parquet files, or one file. The gallery streams them a few rows at a time: images are read for the cards
+    it shows only (``OutputStore.read`` would hold every row's images in memory at once)."""
     path = Path(source)
     if path.is_file():
         return [path]
-    for folder in (path / "manifest", path):
-        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-        if files:
-            return files
-    raise FileNotFoundError(f"No Parquet manifest in {path} (looked for {path}/manifest/*.parquet and {path}/*.parquet).")
+    files = OutputStore(path).part_files() or (sorted(path.glob("*.parquet")) if path.is_dir() else [])
+    if not files:
+        raise FileNotFoundError(f"No Parquet manifest in {path}: neither an output folder with committed parts nor a "
+                                "folder of .parquet files.")
+    return files
 
 
 def _thumbnail(data: bytes | None, thumb: int) -> Image.Image | None:
@@ -84,7 +89,7 @@ def overlay(base: Image.Image, mask: Image.Image) -> Image.Image:
 
 def _number(value):
     """A score for JSON: None stays null, +-inf become strings JavaScript's Number() reads, NaN is null."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if missing(value):
         return None
     if isinstance(value, float) and math.isinf(value):
         return "Infinity" if value > 0 else "-Infinity"

@@ -8,15 +8,16 @@ from __future__ import annotations
 from . import scenes
 
 
-def register(subparsers, edit_options) -> None:
-    """Add ``shapes generate`` and ``eval`` to the `diffedit` command; ``edit_options`` are run's edit flags."""
+def register(subparsers, add_edit_flags) -> None:
+    """Add ``shapes generate`` and ``eval`` to the `diffedit` command; ``add_edit_flags(parser)`` adds run's edit
+    flags to a parser."""
     shapes = subparsers.add_parser("shapes", help="the shapes world: a benchmark with ground truth")
     scenes.add_cli(shapes.add_subparsers(dest="shapes_command", required=True))
-    _add_eval(subparsers, edit_options)
+    _add_eval(subparsers, add_edit_flags)
 
 
-def _add_eval(subparsers, edit_options) -> None:
-    """Register ``eval`` on the `diffedit` command's subparsers; ``edit_options`` are run's edit flags."""
+def _add_eval(subparsers, add_edit_flags) -> None:
+    """Register ``eval`` on the `diffedit` command's subparsers, with run's edit flags."""
     p = subparsers.add_parser(
         "eval", help="edit quality on held-out shapes scenes (JSON on stdout)",
         description="Generate held-out one-object scenes of the shapes world (seeds below "
@@ -33,9 +34,7 @@ def _add_eval(subparsers, edit_options) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the job's actor runs")
     p.add_argument("--overwrite", action="store_true", help="restart a job already in --out with other parameters")
     p.add_argument("--rows", action="store_true", help="also print every edit's metrics (key 'rows')")
-    for flag, typ, help_ in edit_options:
-        p.add_argument(flag, type=typ, help=help_)
-    p.add_argument("--conditional-encoding", action="store_true", default=None, help="as in `diffedit run`")
+    add_edit_flags(p)
     p.set_defaults(func=_eval)
 
 

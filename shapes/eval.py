@@ -31,12 +31,13 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..manifests.schema import missing
+from ..manifests.store import OutputStore
 from . import scenes
 from .check_samples import judge as silhouette_judge
 
@@ -158,10 +159,15 @@ def iou(a_HW: np.ndarray, b_HW: np.ndarray) -> float:
 
 
 def psnr(a_HW3: np.ndarray, b_HW3: np.ndarray, region_HW: np.ndarray) -> float:
-    """PSNR of two 8-bit images over the pixels of ``region_HW`` (data range 255), at most PSNR_MAX."""
-    diff = a_HW3[region_HW].astype(np.float64) - b_HW3[region_HW].astype(np.float64)
-    mse = float(np.mean(diff**2)) if diff.size else 0.0
-    return PSNR_MAX if mse == 0 else min(PSNR_MAX, 10 * np.log10(255.0**2 / mse))
+    """The scorer's PSNR of two 8-bit images over the pixels of ``region_HW`` (data range 255), at most PSNR_MAX
+    (also for an identical or empty region, where it is +inf or NaN)."""
+    import torch
+
+    from ..stages.scores import region_psnr
+
+    a, b = (torch.tensor(x).permute(2, 0, 1)[None] for x in (a_HW3, b_HW3))  # copies: PIL's arrays are read-only
+    value = float(region_psnr(a, b, torch.tensor(region_HW)[None], data_range=255))
+    return value if value < PSNR_MAX else PSNR_MAX  # NaN < PSNR_MAX is false
 
 
 def dilate(mask_HW: np.ndarray, px: int = LATENT_CELL) -> np.ndarray:
@@ -226,7 +232,7 @@ def judge_edit(edit: EvalEdit, edited_HW3: np.ndarray, mask_HW: np.ndarray, reco
 
 
 def _mean(values) -> float | None:
-    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    values = [float(v) for v in values if not missing(v)]
     return round(float(np.mean(values)), 4) if values else None
 
 
@@ -254,6 +260,8 @@ def summarize(rows: list[dict]) -> dict:
 
 # -- the benchmark through the real job ------------------------------------------------------------------
 
+MANIFEST_COLUMNS = ["key", "edit_index", "status", "edited_png", "mask_png", "clip_source", "clip_target"]  # judged
+
 
 def _png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -268,10 +276,10 @@ def run_eval(n: int = 64, seed: int = EVAL_SEED, model: str | None = None, out: 
              edit: dict | None = None, edit_seed: int = 0, batch_size: int = 8, device: str = "auto",
              overwrite: bool = False, log=print) -> tuple[dict, list[dict]]:
     """Write the held-out shard, run the real job on it, judge every row; returns (summary, per-edit rows)."""
-    import pandas as pd
     import ray
 
-    from ..pipelines.job import JobOptions, run_job
+    from ..pipelines.config import JobConfig
+    from ..pipelines.job import run_job
     from ..stages.editor import SHIPPED_MODEL
     from ..stages.model import load_model
 
@@ -283,15 +291,15 @@ def run_eval(n: int = 64, seed: int = EVAL_SEED, model: str | None = None, out: 
     rules = work / "rules.json"
     rules.write_text(json.dumps(EVAL_RULES, indent=1))
     was_running = ray.is_initialized()
-    run_job(JobOptions(inputs=[str(shard)], output=str(work / "job"), model=model, prompts=str(rules),
-                       edit=dict(edit or {}), seed=edit_seed, batch_size=batch_size, device=device,
-                       overwrite=overwrite), log=log)
+    run_job(JobConfig.from_flat([str(shard)], work / "job", model=model, prompts=str(rules), **dict(edit or {}),
+                                seed=edit_seed, batch_size=batch_size, device=device, overwrite=overwrite), log=log)
     if not was_running:
         ray.shutdown()
 
-    # Read the manifest back as any user would: plain pandas.
-    df = pd.concat([pd.read_parquet(f) for f in sorted(glob(str(work / "job" / "manifest" / "*.parquet")))])
-    run = json.loads((work / "job" / "run.json").read_text())
+    # Read the manifest back through the store (the one reader of the output layout), as pandas.
+    store = OutputStore(work / "job")
+    df = store.read(columns=MANIFEST_COLUMNS).to_pandas()
+    run = store.read_run()
     ok = df[df["status"] == "ok"]
     loaded = load_model(model or SHIPPED_MODEL, device="cpu", dtype="fp32")
     recon = vae_ceilings(loaded, held)
@@ -299,7 +307,7 @@ def run_eval(n: int = 64, seed: int = EVAL_SEED, model: str | None = None, out: 
     for r in ok.itertuples():
         e = edits[(r.key, int(r.edit_index))]
         row = judge_edit(e, _png(r.edited_png), _mask(r.mask_png, scenes.SIZE), recon[r.key])
-        if r.clip_target is not None and r.clip_source is not None and not np.isnan(r.clip_target):
+        if not (missing(r.clip_target) or missing(r.clip_source)):
             row["clip_success"] = bool(r.clip_target > r.clip_source)
         rows.append(row)
     summary = summarize(rows)

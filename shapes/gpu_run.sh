@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the shapes world's models on a one-GPU machine with no internet, over one or more commands of
-# about MINUTES each (a device call is limited to 10 minutes): the LDM (VAE, then UNet + text encoder) and,
-# in parallel on the same GPU, the CLIP.
+# about MINUTES each (for a machine lent for short sessions, or a scheduler's time limit per job): the LDM
+# (VAE, then UNet + text encoder) and, in parallel on the same GPU, the CLIP.
 #
 #   bash shapes/gpu_run.sh RUN_DIR VAE_MIN UNET_MIN CLIP_MIN MINUTES [BACKUP_DIR]
 #
@@ -12,7 +12,9 @@
 #   resume.tar.part-*   what the next command needs (VAE, EMA weights, progress; the CLIP's state until it is done)
 #   result.tar.part-*   the exported models (RUN_DIR/ldm/model, RUN_DIR/clip/shapes-clip), logs, curves, metrics
 # Wheels for what the machine lacks (diffusers, open_clip_torch, ftfy, wcwidth) are read from $WHEELS
-# (default .whl; bash ../shared/gpu/make-wheels.sh); a machine with them installed skips that step.
+# (default .whl), downloaded beforehand on a machine with internet:
+#   pip download --no-deps -d .whl diffusers==0.42.1 open-clip-torch==3.3.0 ftfy wcwidth
+# A machine without that folder (the packages installed) skips that step.
 set -euo pipefail
 run=${1:?run dir}; vae=${2:?vae minutes}; unet=${3:?unet minutes}; clip=${4:?clip minutes}; minutes=${5:?minutes}
 backup=${6:-}

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffedit.shapes import scenes
+from diffedit.stages import scores
 
 # Recommended DiffEdit defaults for this small model (keys: the `diffedit run` option names), chosen on a tuning
 # set of held-out scenes (bench/tune_defaults.py, docs/quality/tuning.jsonl): its inferred masks are about twice
@@ -66,8 +66,9 @@ class TrainConfig:
 # -- models ---------------------------------------------------------------------------------------------
 
 def build_models(tokenizer):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .tiny import clip_text_encoder, sd_ddim_scheduler
 
     # 3 blocks: 2 downsamplings, 64x64 -> 16x16 latents of 4 channels.
     vae = AutoencoderKL(
@@ -81,19 +82,7 @@ def build_models(tokenizer):
         norm_num_groups=16,
         sample_size=scenes.SIZE,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = clip_text_encoder(tokenizer, width=128, mlp_width=512, heads=4, max_positions=tokenizer.model_max_length)
     unet = UNet2DConditionModel(
         sample_size=scenes.SIZE // 4,
         in_channels=4,
@@ -106,24 +95,13 @@ def build_models(tokenizer):
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    # Stable Diffusion 1.x's scheduler: scaled_linear betas 0.00085-0.012 over 1000 steps.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    return vae, text_encoder, unet, scheduler
+    return vae, text_encoder, unet, sd_ddim_scheduler()
 
 
 def make_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
-    from diffedit.stages.tiny import write_clip_tokenizer
+    from .tiny import write_clip_tokenizer
 
     # Every word of the world is one token; captions are at most ~20 tokens, so 32 positions suffice.
     return CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, scenes.WORDS, model_max_length=32))
@@ -165,12 +143,13 @@ def to_pixels(images_BHWC: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(a_BCHW: torch.Tensor, b_BCHW: torch.Tensor, region_BHW: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (data range 2), optionally over a region only."""
+    """Per-image PSNR in dB of images in [-1, 1] (data range 2), optionally over a region only (the scorer's
+    formula, with the MSE floored at 1e-10 so that an exact reconstruction stays finite)."""
     err_BHW = ((a_BCHW - b_BCHW) ** 2).mean(1)
     if region_BHW is None:
         region_BHW = torch.ones_like(err_BHW, dtype=torch.bool)
     mse_B = (err_BHW * region_BHW).sum((1, 2)) / region_BHW.sum((1, 2)).clamp(min=1)
-    return 10 * torch.log10(4.0 / mse_B.clamp(min=1e-10))
+    return scores.psnr(mse_B.clamp(min=1e-10), 1, data_range=2.0)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -388,7 +367,7 @@ def vae_psnr(vae, device, n: int, dtype=torch.float32) -> dict:
 
 
 def export(out: Path, vae, text_encoder, unet, tokenizer, scheduler, dtype=torch.float16) -> Path:
-    from ..stages.tiny import save_sd_folder
+    from .tiny import save_sd_folder
 
     folder = save_sd_folder(out / "model", vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                             scheduler=scheduler, dtype=dtype)

@@ -1,7 +1,7 @@
 """Train a small CLIP on the shapes world, contrastively, with open_clip and a custom model config.
 
 The config (``CLIP_CONFIG``) is a small ViT for 64x64 images (8x8 patches) and a small text transformer
-over the world's own BPE tokenizer (written by ``diffedit.stages.tiny.write_clip_tokenizer``, as the LDM's).
+over the world's own BPE tokenizer (written by ``diffedit.shapes.tiny.write_clip_tokenizer``, as the LDM's).
 Images go through open_clip's own inference normalisation, so ``open_clip.create_model_and_transforms``
 plus ``open_clip.get_tokenizer`` reproduce training-time inputs. Scenes sharing a caption are all
 positives of each other (soft targets), since one-object captions repeat within a large batch.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def write_folder(folder: Path) -> Path:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from transformers import CLIPTokenizer
 
-    from diffedit.stages.tiny import write_clip_tokenizer
+    from diffedit.shapes.tiny import write_clip_tokenizer
 
     write_clip_tokenizer(folder, scenes.WORDS, model_max_length=CONTEXT_LENGTH)
     config = json.loads(json.dumps(CLIP_CONFIG))

@@ -4,13 +4,24 @@ Couairon et al., "DiffEdit: Diffusion-based semantic image editing with mask gui
 (arXiv:2210.11427). Section numbers below refer to that paper.
 
 The CLI and ``run.json`` use a flat view of these configs (:meth:`EditConfig.flat`), whose keys are the
-CLI option names (``--encode-ratio`` <-> ``encode_ratio``); a model folder's ``diffedit.json`` may
-recommend values for the same keys.
+CLI option names (``--encode-ratio`` <-> ``encode_ratio``), each declared once, with its help, on its field
+(:func:`option`); a model folder's ``diffedit.json`` may recommend values for the same keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+
+def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None):
+    """A config field that the command line offers as ``--flag`` (default: the field's name), with ``help``;
+    ``pipelines/cli.py`` generates the flags from these fields."""
+    return field(default=default, metadata=dict(help=help, flag=flag, choices=choices))
+
+
+def flag_name(f) -> str:
+    """The option name of a config field (underscores; the flag is ``--`` + it with dashes)."""
+    return f.metadata.get("flag") or f.name
 
 
 def _check(ok: bool, message: str) -> None:
@@ -22,10 +33,11 @@ def _check(ok: bool, message: str) -> None:
 class MaskConfig:
     """Step 1, mask inference (Section 3.2)."""
 
-    num_samples: int = 10  # n noisy copies per image; the paper averages n = 10 noise draws.
-    strength: float = 0.5  # noise added to the image latents: 50% of the schedule, as in the paper.
-    clip_ratio: float = 3.0  # values above clip_ratio x the image's mean difference are clipped (extremes removed).
-    threshold: float = 0.5  # binarisation threshold of the [0, 1] map; the paper uses 0.5.
+    # The paper averages n = 10 noise draws, at 50% of the schedule, and binarises at 0.5.
+    num_samples: int = option(10, "noise samples n averaged for the mask (paper: 10)", flag="mask_samples")
+    strength: float = option(0.5, "noise strength for mask inference (paper: 0.5)", flag="mask_strength")
+    clip_ratio: float = option(3.0, "mask map values above this x the image's mean are clipped (extremes removed)")
+    threshold: float = option(0.5, "binarisation threshold of the [0, 1] mask map (paper: 0.5)")
 
     def __post_init__(self):
         _check(self.num_samples >= 1, f"`mask_samples` must be >= 1 but is {self.num_samples}.")
@@ -38,15 +50,18 @@ class MaskConfig:
 class EncodeConfig:
     """Step 2, DDIM encoding to ratio r (Section 3.2, "encoding ratio")."""
 
-    num_steps: int = 50  # T: DDIM steps of the full schedule (paper: 50).
-    encode_ratio: float = 0.8  # r: how far to encode; the paper's default is 0.8 (Fig. 4 trade-off).
+    num_steps: int = option(50, "DDIM steps of the full schedule, T (paper: 50)", flag="steps")
+    encode_ratio: float = option(0.8, "encoding ratio r: DDIM-encode int(T*r) steps (paper: 0.8, Fig. 4's trade-off)")
     # The paper encodes with the unconditional model. diffusers' pipeline inverts under the source prompt
     # with guidance 7.5 instead; `conditional=True` (+ `encode_guidance`) reproduces that.
-    conditional: bool = False
-    guidance: float = 1.0  # classifier-free guidance during encoding (only with conditional=True).
+    conditional: bool = option(False, "encode under the source prompt instead of unconditionally (the paper's "
+                                      "choice)", flag="conditional_encoding")
+    guidance: float = option(1.0, "guidance during conditional encoding (diffusers' pipeline uses 7.5)",
+                             flag="encode_guidance")
     # "ddim": the paper's DDIM encoding. "noise": the ablation the paper compares it with (SDEdit's
     # noising): every kept level is a draw of q(x_t | x_0) instead of a DDIM-inverted latent.
-    method: str = "ddim"
+    method: str = option("ddim", "ddim (the paper's encoding) or noise (its ablation: plain noising, as SDEdit)",
+                         flag="encode_method", choices=("ddim", "noise"))
 
     def __post_init__(self):
         _check(self.num_steps >= 1, f"`steps` must be >= 1 but is {self.num_steps}.")
@@ -72,27 +87,11 @@ class EncodeConfig:
 class DecodeConfig:
     """Step 3, masked DDIM decoding under the target prompt (Section 3.2, "mask-wise correction")."""
 
-    guidance: float = 7.5  # classifier-free guidance scale (paper: 7.5, Stable Diffusion's default).
-    negative_prompt: str = ""  # the unconditional text of classifier-free guidance.
+    guidance: float = option(7.5, "classifier-free guidance scale for decoding (paper: 7.5, Stable Diffusion's)")
+    negative_prompt: str = option("", "negative (unconditional) text of guidance during decoding")
 
     def __post_init__(self):
         _check(self.guidance >= 1.0, f"`guidance` must be >= 1 but is {self.guidance}.")
-
-
-# Flat keys (CLI option names with underscores) -> (component, field).
-_FLAT = {
-    "mask_samples": ("mask", "num_samples"),
-    "mask_strength": ("mask", "strength"),
-    "clip_ratio": ("mask", "clip_ratio"),
-    "threshold": ("mask", "threshold"),
-    "steps": ("encode", "num_steps"),
-    "encode_ratio": ("encode", "encode_ratio"),
-    "conditional_encoding": ("encode", "conditional"),
-    "encode_guidance": ("encode", "guidance"),
-    "encode_method": ("encode", "method"),
-    "guidance": ("decode", "guidance"),
-    "negative_prompt": ("decode", "negative_prompt"),
-}
 
 
 @dataclass(frozen=True)
@@ -113,16 +112,49 @@ class EditConfig:
         unknown = sorted(set(merged) - set(_FLAT))
         if unknown:
             raise ValueError(f"Unknown edit parameter(s) {unknown}; known: {sorted(_FLAT)}.")
-        parts: dict[str, dict] = {"mask": {}, "encode": {}, "decode": {}}
+        parts: dict[str, dict] = {part: {} for part in STEPS}
         for key, value in merged.items():
             if value is not None:
                 part, name = _FLAT[key]
                 parts[part][name] = value
-        return cls(MaskConfig(**parts["mask"]), EncodeConfig(**parts["encode"]), DecodeConfig(**parts["decode"]))
+        return cls(**{part: STEPS[part](**values) for part, values in parts.items()})
 
     def replace(self, **flat_overrides) -> "EditConfig":
         return EditConfig.from_flat({**self.flat(), **flat_overrides})
 
 
+STEPS = {"mask": MaskConfig, "encode": EncodeConfig, "decode": DecodeConfig}
+# Flat keys (CLI option names with underscores) -> (component, field), from the fields' own declarations.
+_FLAT = {flag_name(f): (part, f.name) for part, cls in STEPS.items() for f in fields(cls)}
 FLAT_KEYS = tuple(_FLAT)
 
+
+
+# The lpips package's backbones: torchvision's ImageNet weights, by their file names in torch hub's cache.
+LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+# SSIM and LPIPS see at most this many pixels per image (larger pairs are box-averaged down), and one forward
+# pass at most this many pixels in all. 1024 x 1024: 512 x 512 (SD 1.5) and 1024 x 1024 (SDXL) pairs keep
+# their own size, and a 12-megapixel photo scores in ~400 MB above the loaded models (bench/score_memory.py).
+SCORE_MAX_PIXELS = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Which models score the edits (stages/scores.py). Defaults: the shipped shapes CLIP, LPIPS-Alex (the LPIPS
+    paper's default)."""
+
+    clip_model: str | None = option(None, "open_clip architecture name (ViT-B-32) or model folder (default: the "
+                                          "shipped shapes CLIP)")
+    clip_weights: str | None = option(None, "local CLIP checkpoint (.safetensors) for --clip-model")
+    lpips_net: str = option("alex", "the LPIPS backbone", choices=tuple(LPIPS_BACKBONES))
+    lpips_weights: str | None = option(None, "LPIPS backbone weights (torchvision); default: torch hub's cache, "
+                                             "else the lpips column is null")
+    device: str = "auto"
+    batch_size: int = 32  # images per CLIP / LPIPS forward pass
+    max_pixels: int = SCORE_MAX_PIXELS
+
+    def __post_init__(self):
+        _check(self.lpips_net in LPIPS_BACKBONES,
+               f"`lpips_net` must be one of {', '.join(LPIPS_BACKBONES)} but is {self.lpips_net!r}.")
+        _check(self.batch_size >= 1, f"`batch_size` must be >= 1 but is {self.batch_size}.")
+        _check(self.max_pixels >= 1, f"`max_pixels` must be >= 1 but is {self.max_pixels}.")

@@ -24,7 +24,6 @@ def masked_ddim_decode(
     negative_embeds_BLD: torch.Tensor,
     guidance: float = 7.5,
     num_steps: int = 50,
-    max_batch: int | None = None,
 ) -> torch.Tensor:
     """Decode from the last latent of ``trajectory`` back to x_0; returns latents_BChw.
 
@@ -41,7 +40,7 @@ def masked_ddim_decode(
     x = trajectory.latents[K]
     for i, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(x, t)
-        pred = guided(model, model_input, t, target_embeds_BLD, negative_embeds_BLD, guidance, max_batch)
+        pred = guided(model, model_input, t, target_embeds_BLD, negative_embeds_BLD, guidance)
         x = scheduler.step(pred, t, x).prev_sample
         # Mask-wise correction: outside the mask, the encoded latent of the level just reached.
         x = keep_B1hw * x + (1 - keep_B1hw) * trajectory.latents[K - 1 - i]

@@ -25,8 +25,9 @@ from .images import images_to_tensor, mask_to_image, masks_to_tensor, tensor_to_
 from .mask import infer_mask, latent_mask_from_image, upsample_map
 from .model import DiffEditModel, load_model
 from .randomness import edit_seed, per_image_noise
+from .scores import mask_fraction
+from .sources import SHIPPED_MODEL
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-ldm"
 
 
 @dataclass
@@ -47,30 +48,14 @@ def edit_batch(
     seeds: list[int],
     config: EditConfig = EditConfig(),
     masks: list[torch.Tensor | None] | None = None,
-    max_batch: int | None = None,
     keep_trajectory: bool = False,
-    pad_to: int | None = None,
 ) -> BatchOutput:
     """Mask inference -> DDIM encoding -> masked DDIM decoding for B images, fused on ``model.device``.
 
     ``images_BCHW`` are in [-1, 1] at the model's resolution; ``masks[i]``, when given, is a bool
-    mask at that resolution and skips mask inference for image i. ``max_batch`` caps the UNet's batch.
-    ``pad_to`` pads a short batch (with copies of its last image, results dropped) so that a compiled
-    UNet always sees the same shapes.
+    mask at that resolution and skips mask inference for image i. (``model.max_batch`` caps the UNet's batch.)
     """
     B = images_BCHW.shape[0]
-    if pad_to is not None and 0 < B < pad_to:
-        extra = pad_to - B
-        masks = None if masks is None else list(masks) + [masks[-1]] * extra
-        out = edit_batch(
-            model, torch.cat([images_BCHW, images_BCHW[-1:].expand(extra, -1, -1, -1)]),
-            list(source_prompts) + [source_prompts[-1]] * extra, list(target_prompts) + [target_prompts[-1]] * extra,
-            list(seeds) + [seeds[-1]] * extra, config, masks, max_batch, keep_trajectory,
-        )
-        return BatchOutput(
-            out.edited_BCHW[:B], out.mask_Bhw[:B], out.soft_Bhw[:B], out.inferred[:B], out.latents_BChw[:B],
-            out.trajectory.select(list(range(B))) if out.trajectory is not None else None,
-        )
     if not (len(source_prompts) == len(target_prompts) == len(seeds) == B):
         raise ValueError(
             f"Got {B} images, {len(source_prompts)} source prompts, {len(target_prompts)} target prompts "
@@ -100,7 +85,7 @@ def edit_batch(
         noise = per_image_noise([seeds[i] for i in todo], (config.mask.num_samples, *latents_BChw.shape[1:]))
         inferred = infer_mask(
             model, latents_BChw[todo], source_BLD[todo], target_BLD[todo], noise,
-            config.mask, num_steps=config.encode.num_steps, max_batch=max_batch,
+            config.mask, num_steps=config.encode.num_steps,
         )
         mask_Bhw[todo], soft_Bhw[todo] = inferred.mask_Bhw, inferred.soft_Bhw
     given = [i for i, m in enumerate(masks) if m is not None]
@@ -115,12 +100,12 @@ def edit_batch(
         trajectory = noise_encode(model, latents_BChw, noise_BChw, config.encode)
     else:
         encode_BLD = source_BLD if config.encode.conditional else empty_BLD
-        trajectory = ddim_encode(model, latents_BChw, encode_BLD, config.encode, uncond_BLD=empty_BLD, max_batch=max_batch)
+        trajectory = ddim_encode(model, latents_BChw, encode_BLD, config.encode, uncond_BLD=empty_BLD)
 
     # 4. Masked DDIM decoding under the target prompt, with classifier-free guidance.
     edited_BChw = masked_ddim_decode(
         model, trajectory, mask_Bhw, target_BLD, negative_BLD,
-        guidance=config.decode.guidance, num_steps=config.encode.num_steps, max_batch=max_batch,
+        guidance=config.decode.guidance, num_steps=config.encode.num_steps,
     )
     return BatchOutput(
         edited_BCHW=model.decode_latents(edited_BChw),
@@ -148,7 +133,7 @@ class EditResult:
 
     @property
     def mask_fraction(self) -> float:
-        return float(np.asarray(self.mask).mean() / 255.0)
+        return mask_fraction(self.mask)
 
 
 def image_key(image: Image.Image) -> str:

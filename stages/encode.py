@@ -27,15 +27,12 @@ class Trajectory:
     def num_steps(self) -> int:
         return len(self.latents) - 1
 
-    def select(self, index: list[int] | torch.Tensor) -> "Trajectory":
-        return Trajectory([x[index] for x in self.latents], self.timesteps)
 
-
-def guided(model: DiffEditModel, x_BChw, t, embeds_BLD, uncond_BLD, guidance: float, max_batch=None) -> torch.Tensor:
+def guided(model: DiffEditModel, x_BChw, t, embeds_BLD, uncond_BLD, guidance: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): eps_u + g (eps_c - eps_u); two prompts per latent, one UNet batch."""
     if guidance == 1.0:
-        return model.predict(x_BChw, t, embeds_BLD, max_batch=max_batch)
-    pred = model.predict(x_BChw, t, torch.cat([uncond_BLD, embeds_BLD]), max_batch=max_batch)
+        return model.predict(x_BChw, t, embeds_BLD)
+    pred = model.predict(x_BChw, t, torch.cat([uncond_BLD, embeds_BLD]))
     pred_uncond, pred_cond = pred.chunk(2)
     return pred_uncond + guidance * (pred_cond - pred_uncond)
 
@@ -47,7 +44,6 @@ def ddim_encode(
     embeds_BLD: torch.Tensor,
     config: EncodeConfig = EncodeConfig(),
     uncond_BLD: torch.Tensor | None = None,
-    max_batch: int | None = None,
 ) -> Trajectory:
     """DDIM-invert ``latents_BChw`` for int(T * r) steps (eta = 0, deterministic).
 
@@ -63,7 +59,7 @@ def ddim_encode(
     latents = [x]
     for t in timesteps:
         model_input = scheduler.scale_model_input(x, t)
-        pred = guided(model, model_input, t, embeds_BLD, uncond_BLD, config.guidance, max_batch)
+        pred = guided(model, model_input, t, embeds_BLD, uncond_BLD, config.guidance)
         # x_{t} from x_{t - T/steps}: the DDIM update of Song et al. (2010.02502, eq. 12) run backwards.
         x = scheduler.step(pred, t, x).prev_sample
         latents.append(x)

@@ -53,7 +53,6 @@ def infer_mask(
     noise_BNChw: torch.Tensor,
     config: MaskConfig = MaskConfig(),
     num_steps: int = 50,
-    max_batch: int | None = None,
 ) -> MaskResult:
     """DiffEdit's mask for a batch: image i is noised with ``noise_BNChw[i]`` (its own N draws).
 
@@ -73,7 +72,7 @@ def infer_mask(
     noisy_XChw = scheduler.scale_model_input(noisy_XChw, t)
     # 2. Predict the noise under the source (reference) and the target (query) text: two prompts per noised latent.
     embeds = torch.cat([source_embeds_BLD.repeat_interleave(N, dim=0), target_embeds_BLD.repeat_interleave(N, dim=0)])
-    pred = model.predict(noisy_XChw, t, embeds, max_batch=max_batch)
+    pred = model.predict(noisy_XChw, t, embeds)
     pred_source, pred_target = pred.float().chunk(2)
     # 3. |difference|, averaged over the N samples and the C channels.
     diff_Bhw = (pred_target - pred_source).abs().reshape(B, N, *pred.shape[1:]).mean(dim=(1, 2))

@@ -19,24 +19,11 @@ from pathlib import Path
 import torch
 
 from .prefix import PromptFreePrefix
+from .sources import RECOMMENDED_DEFAULTS_FILE, ModelLoadError, check_model_folder, is_hub_id
 
-COMPONENTS = {
-    # folder: (weights it must hold, or None for a config-only component)
-    "unet": "diffusion_pytorch_model.safetensors",
-    "vae": "diffusion_pytorch_model.safetensors",
-    "text_encoder": "model.safetensors",
-    "tokenizer": None,
-    "scheduler": None,
-}
-PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-RECOMMENDED_DEFAULTS_FILE = "diffedit.json"  # optional: a model's own recommended edit parameters
 # The UNet's attention kernel (torch.nn.functional.scaled_dot_product_attention's backend); None: PyTorch's choice.
 ATTENTION_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
-
-
-class ModelLoadError(ValueError):
-    """A model folder or hub id that cannot be loaded, with the reason."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -58,35 +45,9 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device = torc
     return DTYPES[dtype]
 
 
-def check_model_folder(path: Path) -> None:
-    """Refuse a folder that is incomplete or holds only pickled weights, naming what is wrong."""
-    if not path.is_dir():
-        raise ModelLoadError(f"Model folder {path} does not exist.")
-    problems = []
-    if not (path / "model_index.json").is_file():
-        problems.append("model_index.json")
-    for folder, weights in COMPONENTS.items():
-        sub = path / folder
-        if not sub.is_dir():
-            problems.append(f"{folder}/")
-            continue
-        if folder == "scheduler" and not (sub / "scheduler_config.json").is_file():
-            problems.append("scheduler/scheduler_config.json")
-        if weights is None:
-            continue
-        if not (sub / "config.json").is_file():
-            problems.append(f"{folder}/config.json")
-        if not any(sub.glob("*.safetensors")):
-            pickled = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLED_SUFFIXES)
-            if pickled:
-                raise ModelLoadError(
-                    f"{sub} holds only pickled weights ({', '.join(pickled)}); diffedit loads safetensors only, "
-                    "since unpickling can run arbitrary code. Convert them once with diffusers "
-                    "(`pipe.save_pretrained(dir, safe_serialization=True)`) from a trusted environment."
-                )
-            problems.append(f"{folder}/{weights}")
-    if problems:
-        raise ModelLoadError(f"Model folder {path} is incomplete: missing {', '.join(problems)}.")
+def _check_max_batch(max_batch: int | None) -> None:
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"`max_batch` must be >= 1 or None but is {max_batch}.")
 
 
 @dataclass
@@ -103,6 +64,7 @@ class DiffEditModel:
     dtype: torch.dtype
     recommended: dict = field(default_factory=dict)  # the folder's diffedit.json, if any
     attention: str | None = None  # a key of ATTENTION_BACKENDS: the UNet's SDPA kernel; None: PyTorch's choice
+    max_batch: int | None = None  # the most rows of one UNet call (bounds memory); None: no cap
     # Run the UNet's prompt-independent first layers once per latent when predict() gets k prompts per latent.
     share_prefix: bool = True
     _fingerprint: str | None = None
@@ -110,6 +72,7 @@ class DiffEditModel:
     _prefix: PromptFreePrefix = field(init=False, repr=False)
 
     def __post_init__(self):
+        _check_max_batch(self.max_batch)
         self._prefix = PromptFreePrefix(self.unet)  # hooks, no-ops outside predict(); empty for an unknown UNet
 
     @property
@@ -180,24 +143,26 @@ class DiffEditModel:
         return self.vae.decode(latents).sample.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def predict(self, latents_BChw: torch.Tensor, t, embeds_KBLD: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
+    def predict(self, latents_BChw: torch.Tensor, t, embeds_KBLD: torch.Tensor) -> torch.Tensor:
         """The UNet's raw output (epsilon or v) for each of B latents under each of its k prompts.
 
         ``embeds_KBLD`` holds k x B rows, as k blocks of B (block j: every latent's j-th prompt); so does the
         output. With k > 1 the UNet's prompt-independent first layers run once per latent (stages/prefix.py).
-        ``t`` is a scalar or one timestep per latent. ``max_batch`` caps the rows of one UNet call (k per latent).
+        ``t`` is a scalar or one timestep per latent. :attr:`max_batch` caps the rows of one UNet call (a
+        latent's k rows stay in one call).
         """
         n = latents_BChw.shape[0]
         k, extra = divmod(embeds_KBLD.shape[0], n)
         if extra or k < 1:
             raise ValueError(f"Got {n} latents and {embeds_KBLD.shape[0]} prompt embeddings; need k x {n} of them.")
+        _check_max_batch(self.max_batch)  # it may have been set since
         if isinstance(t, torch.Tensor) and t.ndim == 1:
             t = t.to(self.device)
         else:
             # A scalar timestep is filled on the device: copying a CPU tensor there would wait for the GPU's
             # queue to drain (pageable memory), leaving it idle while the next UNet call is launched.
             t = torch.full((n,), float(t), device=self.device)
-        step = max(1, (max_batch or k * n) // k)  # latents per UNet call
+        step = max(1, (self.max_batch or k * n) // k)  # latents per UNet call
         shared = self._prefix.copies(k) if self.share_prefix and self._prefix else contextlib.nullcontext()
         outs = []
         with self._attention_kernel(), shared:
@@ -225,7 +190,7 @@ class DiffEditModel:
 
         In place (``nn.Module.compile``), so weights keep their names; a part already compiled keeps its graphs,
         so ``compile()`` after ``compile(vae=False)`` adds the VAE alone. Each distinct batch size compiles once. A
-        job keeps its batches the same size (see ``pad_to`` in ``edit_batch``), so an actor compiles its graphs
+        job keeps its batches the same size (its actor pads a short batch), so an actor compiles its graphs
         (mask, encoding and decoding batches) once and reuses them. On an H200 at SD 1.5 scale this took about a
         minute and the engine ran at about 50% of its FLOP floor; compiling the VAE too made a batch of 32 edits
         2.5% faster and cut its peak memory from 18.2 to 12.2 GiB (docs/BENCHMARKS.md).
@@ -253,39 +218,13 @@ class DiffEditModel:
         return self._fingerprint
 
 
-def describe_model(model: str | Path) -> dict:
-    """What the job's driver needs without loading weights: resolution, recommended defaults, fingerprint.
-
-    For a local folder the fingerprint is a sha256 over the weight and config files (fast even for SD
-    scale); for a hub id the model is loaded once to fingerprint its tensors.
-    """
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        m = load_model(model, device="cpu", dtype="fp32")
-        return dict(source=m.source, resolution=m.resolution, recommended=m.recommended, fingerprint=m.fingerprint())
-    check_model_folder(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt"))):
-        h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    unet = json.loads((path / "unet" / "config.json").read_text())
-    vae = json.loads((path / "vae" / "config.json").read_text())
-    recommended_file = path / RECOMMENDED_DEFAULTS_FILE
-    return dict(
-        source=str(path.resolve()),
-        resolution=int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
-        recommended=json.loads(recommended_file.read_text()) if recommended_file.is_file() else {},
-        fingerprint=h.hexdigest(),
-    )
-
-
-def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> DiffEditModel:
+def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+               max_batch: int | None = None) -> DiffEditModel:
     """Load a Stable Diffusion 1.x/2.x diffusers checkpoint from a local folder or a hub id.
 
-    Epsilon and v-prediction checkpoints both work (the scheduler config says which). Raises
-    :class:`ModelLoadError` naming what is missing, or why the weights were refused.
+    Epsilon and v-prediction checkpoints both work (the scheduler config says which). ``max_batch`` caps the
+    rows of one UNet call (:attr:`DiffEditModel.max_batch`). Raises :class:`ModelLoadError` naming what is
+    missing, or why the weights were refused.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -293,7 +232,7 @@ def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype:
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path = Path(model).expanduser()
-    is_local = path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1
+    is_local = not is_hub_id(model)
     if is_local:
         check_model_folder(path)
         source = str(path.resolve())
@@ -319,4 +258,5 @@ def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype:
         recommended = json.loads((path / RECOMMENDED_DEFAULTS_FILE).read_text())
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
-    return DiffEditModel(unet, vae, text_encoder, tokenizer, scheduler_config, source, device, dtype, recommended)
+    return DiffEditModel(unet, vae, text_encoder, tokenizer, scheduler_config, source, device, dtype, recommended,
+                         max_batch=max_batch)

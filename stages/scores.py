@@ -15,7 +15,9 @@
 A score is ``None`` (a null in the manifest) where it cannot be computed honestly: the CLIP columns when no
 CLIP weights are there, ``lpips`` when the LPIPS backbone weights are not there (both with a reason in
 :attr:`Scorer.unavailable`, which the job writes to ``run.json``), a region score for an empty region, and
-``lpips`` for an image too small for the backbone. Never a score from random weights.
+``lpips`` for an image too small for the backbone. Never a score from random weights. Which columns will be
+null, and which models and weight files score, :func:`describe_scores` tells from the files alone, without
+loading anything (what the job's driver writes to ``run.json``).
 
 Memory per pair is bounded, whatever the image's size or shape:
 
@@ -40,8 +42,6 @@ width, C channels, H x W image.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import warnings
@@ -53,50 +53,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..manifests.schema import SCORE_COLUMNS as MANIFEST_SCORE_COLUMNS, missing
+from .config import SCORE_MAX_PIXELS, ScoreConfig
 from .images import to_rgb
 from .model import resolve_device
+from .sources import (CLIP_MAX_ASPECT, ScoreLoadError, _description, _unavailable, resolve_clip, resolve_lpips,
+                      sha256_file)
 
-SHIPPED_CLIP = Path(__file__).resolve().parents[1] / "models" / "shapes-clip"
-CLIP_COLUMNS = ("clip_source", "clip_target", "clip_directional", "clip_image")
-LPIPS_COLUMNS = ("lpips",)
-REGION_COLUMNS = ("psnr_bg", "ssim_bg", "psnr_fg", "ssim_fg", "mask_fraction")
-SCORE_COLUMNS = CLIP_COLUMNS + LPIPS_COLUMNS + REGION_COLUMNS
-# The torchvision weights the lpips package's backbones load (torchvision's own names in the hub cache).
-LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+# What score() returns: the manifest's score columns (named in manifests/schema.py) and the mask's share of the image.
+SCORE_COLUMNS = (*MANIFEST_SCORE_COLUMNS, "mask_fraction")
 LPIPS_MIN_SIDE = 32  # AlexNet's five pooling stages need at least 32 x 32 pixels; smaller images get a null.
-# SSIM and LPIPS see at most this many pixels per image (larger pairs are box-averaged down), and one forward
-# pass at most this many pixels in all. 1024 x 1024: 512 x 512 (SD 1.5) and 1024 x 1024 (SDXL) pairs keep
-# their own size, and a 12-megapixel photo scores in ~400 MB above the loaded models (bench/score_memory.py).
-SCORE_MAX_PIXELS = 1024 * 1024
-# Images longer than 4:1 reach open_clip's transform already cut to what it keeps (clip_ready): its resize of
-# the short side to S would otherwise cost S x S x aspect pixels. Up to 4:1 (panoramas) nothing changes.
-CLIP_MAX_ASPECT = 4
 PSNR_CHUNK = 1 << 20  # values per float64 chunk of the PSNR sums (8 MB)
-
-
-class ScoreLoadError(ValueError):
-    """A scoring model that was asked for explicitly and cannot be loaded, with the reason."""
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Which models score the edits. Defaults: the shipped shapes CLIP, LPIPS-Alex (the LPIPS paper's default)."""
-
-    clip_model: str | None = None  # an open_clip architecture name ("ViT-B-32") or a model folder; None: the shapes CLIP
-    clip_weights: str | None = None  # a .safetensors checkpoint for an architecture name (or a pretrained tag, with a hub)
-    lpips_net: str = "alex"  # the LPIPS backbone: alex | vgg | squeeze
-    lpips_weights: str | None = None  # the backbone's torchvision weights; None: torch hub's cache, if they are there
-    device: str = "auto"
-    batch_size: int = 32  # images per CLIP / LPIPS forward pass
-    max_pixels: int = SCORE_MAX_PIXELS  # SSIM / LPIPS see each pair at most this large, and a forward pass no more
-
-    def __post_init__(self):
-        if self.lpips_net not in LPIPS_BACKBONES:
-            raise ValueError(f"`lpips_net` must be one of {', '.join(LPIPS_BACKBONES)} but is {self.lpips_net!r}.")
-        if self.batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1 but is {self.batch_size}.")
-        if self.max_pixels < 1:
-            raise ValueError(f"`max_pixels` must be >= 1 but is {self.max_pixels}.")
 
 
 # -- the scores, as functions of tensors -----------------------------------------------------------------
@@ -293,14 +260,6 @@ def clip_ready(image: np.ndarray, preprocess, max_aspect: float = CLIP_MAX_ASPEC
 # -- loading the models ----------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class ClipBundle:
     model: torch.nn.Module
@@ -319,111 +278,36 @@ class _DropMessages(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def _safetensors_in(folder: Path) -> Path | None:
-    preferred = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors"]
-    for name in preferred:
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(folder.glob("*.safetensors"))
-    return found[0] if found else None
-
-
-def _model_config_in(folder: Path) -> Path | None:
-    """A raw open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) among the folder's JSON files."""
-    for path in sorted(folder.glob("*.json")):
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-            return path
-    return None
-
-
 def load_clip(clip_model: str | None, clip_weights: str | None, device: torch.device) -> tuple[ClipBundle | None, str | None]:
-    """Load a CLIP through open_clip, or return ``(None, reason)`` when the default one is not there.
+    """Load the CLIP that :func:`resolve_clip` finds, or return ``(None, reason)`` when the default one is not there.
 
-    ``clip_model`` may be a folder holding either open_clip's hub layout (``open_clip_config.json`` with
-    ``model_cfg``) or a raw model config JSON (registered with ``open_clip.add_model_config``), plus a
-    ``.safetensors`` checkpoint; or an architecture name with ``clip_weights`` (a ``.safetensors`` file, or a
-    pretrained tag where a hub is reachable). Asked-for models that cannot be loaded raise
-    :class:`ScoreLoadError`; only the *default* model may be absent, which gives ``(None, reason)``.
+    Built without weights, then loaded strictly from the one checkpoint chosen (every tensor of the model must
+    come from it), or from open_clip's pretrained tag. A checkpoint that does not fit raises :class:`ScoreLoadError`.
     """
+    source, reason = resolve_clip(clip_model, clip_weights)
+    if source is None:
+        return None, reason
     import open_clip
 
-    if clip_model is None:
-        if clip_weights is not None:
-            raise ScoreLoadError("`clip_weights` needs `clip_model` (an open_clip architecture name).")
-        if not SHIPPED_CLIP.is_dir():
-            return None, (
-                f"no CLIP weights: the shipped shapes CLIP is not at {SHIPPED_CLIP}; pass clip_model "
-                "(an open_clip architecture name or a model folder) and clip_weights"
-            )
-        clip_model = str(SHIPPED_CLIP)
-
-    folder = Path(clip_model).expanduser()
-    checkpoint, tag = None, None
-    if folder.is_dir():
-        checkpoint = Path(clip_weights).expanduser() if clip_weights else _safetensors_in(folder)
-        if checkpoint is None:
-            raise ScoreLoadError(f"CLIP folder {folder} holds no .safetensors weights (diffedit loads safetensors only).")
-        if (folder / "open_clip_config.json").is_file():  # open_clip's hub layout
-            name = "local-dir:" + str(folder.resolve())
-        else:
-            config = _model_config_in(folder)
-            if config is None:
-                raise ScoreLoadError(
-                    f"CLIP folder {folder} has neither open_clip_config.json nor a model config JSON "
-                    "(with embed_dim, vision_cfg and text_cfg)."
-                )
-            open_clip.add_model_config(config)  # registered under the file's stem
-            name = config.stem
-    else:
-        name = clip_model
-        if name.replace("/", "-") not in open_clip.list_models():
-            raise ScoreLoadError(
-                f"Unknown CLIP {clip_model!r}: neither a folder nor an open_clip architecture (open_clip.list_models())."
-            )
-        if clip_weights is None:
-            raise ScoreLoadError(f"CLIP {clip_model!r} needs `clip_weights`: diffedit never scores with random weights.")
-        looks_like_path = Path(clip_weights).suffix != "" or "/" in clip_weights
-        if looks_like_path:
-            checkpoint = Path(clip_weights).expanduser()
-        else:
-            tag = clip_weights  # a pretrained tag: open_clip downloads it (needs a reachable hub)
-    if checkpoint is not None:
-        if not checkpoint.is_file():
-            raise ScoreLoadError(f"CLIP weights file {checkpoint} does not exist.")
-        if checkpoint.suffix != ".safetensors":
-            raise ScoreLoadError(
-                f"CLIP weights {checkpoint} are not .safetensors; diffedit loads safetensors only, since unpickling "
-                "can run arbitrary code (convert once with safetensors.torch.save_file from a trusted environment)."
-            )
+    if source.config is not None:
+        open_clip.add_model_config(source.config)  # registered under the file's stem
     # open_clip warns "initialized randomly" when it builds a model without weights; here the weights are
     # loaded right after, strictly, so the warning would only mislead a reader of the job's log.
     quiet = _DropMessages("initialized randomly")
     logging.getLogger().addFilter(quiet)
     try:
-        # Built without weights, then loaded strictly from the one checkpoint chosen here: every tensor of
-        # the model must come from it.
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, load_weights=tag is not None)
-        if checkpoint is not None:
-            open_clip.load_checkpoint(model, str(checkpoint), strict=True)
-        tokenizer = open_clip.get_tokenizer(name)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            source.name, pretrained=source.tag, load_weights=source.tag is not None
+        )
+        if source.checkpoint is not None:
+            open_clip.load_checkpoint(model, str(source.checkpoint), strict=True)
+        tokenizer = open_clip.get_tokenizer(source.name)
     except Exception as exc:  # open_clip raises RuntimeError, ValueError, OSError, KeyError ... for a bad checkpoint
-        raise ScoreLoadError(f"Could not load CLIP {clip_model!r} with weights {checkpoint or tag}: {exc}") from exc
+        raise ScoreLoadError(f"Could not load CLIP {source.name!r} with weights {source.weights}: {exc}") from exc
     finally:
         logging.getLogger().removeFilter(quiet)
     model.to(device).eval().requires_grad_(False)
-    return ClipBundle(model, preprocess, tokenizer, name, str(checkpoint or tag)), None
-
-
-def lpips_backbone_cache_file(net: str) -> Path:
-    """Where torchvision's hub cache keeps the backbone weights the lpips package would download."""
-    import torchvision
-
-    url = getattr(torchvision.models, LPIPS_BACKBONES[net]).IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return ClipBundle(model, preprocess, tokenizer, source.name, source.weights), None
 
 
 def _load_backbone_state(path: Path) -> dict:
@@ -440,19 +324,14 @@ def _load_backbone_state(path: Path) -> dict:
 def load_lpips(net: str, weights: str | None, device: torch.device) -> tuple[torch.nn.Module | None, str | None, str | None]:
     """LPIPS with the package's own linear layers and the backbone's torchvision weights, never a download.
 
-    Returns ``(model, weights_file, None)``, or ``(None, None, reason)`` when no ``weights`` are given and
-    torch hub's cache does not hold them. Explicit ``weights`` that cannot be loaded raise.
+    Returns ``(model, weights_file, None)``, or ``(None, None, reason)`` as :func:`resolve_lpips` does. Explicit
+    ``weights`` that cannot be loaded raise.
     """
+    path, reason = resolve_lpips(net, weights)
+    if path is None:
+        return None, None, reason
     import lpips
 
-    path = Path(weights).expanduser() if weights else lpips_backbone_cache_file(net)
-    if not path.is_file():
-        if weights:
-            raise ScoreLoadError(f"LPIPS backbone weights file {path} does not exist.")
-        return None, None, (
-            f"no LPIPS backbone weights: {path.name} is not in torch hub's cache ({path.parent}) and no "
-            f"lpips_weights was given; the lpips package would download them, which needs the network"
-        )
     # pnet_rand=True builds the backbone without asking torchvision for weights (no download); the
     # package's linear layers (shipped with it, weights/v0.1/<net>.pth) load as usual.
     with warnings.catch_warnings():  # lpips 0.1.4 calls torchvision's deprecated `pretrained=` argument
@@ -472,6 +351,9 @@ def load_lpips(net: str, weights: str | None, device: torch.device) -> tuple[tor
     except RuntimeError as exc:
         raise ScoreLoadError(f"LPIPS backbone weights {path} do not fit lpips' {net}: {exc}") from exc
     return model.to(device).eval().requires_grad_(False), str(path), None
+
+
+# -- what scores the edits, for run.json -----------------------------------------------------------------
 
 
 # -- the scorer ------------------------------------------------------------------------------------------
@@ -495,6 +377,12 @@ def _as_mask_array(mask) -> np.ndarray:
     return a > 0
 
 
+def mask_fraction(mask) -> float:
+    """The share of a mask's pixels that are edited (nonzero): a 0/255 or bool mask, as a PIL image or an array."""
+    a = _as_mask_array(mask)
+    return np.count_nonzero(a) / a.size
+
+
 class Scorer:
     """Loads the scoring models once; :meth:`score` scores batches of edits.
 
@@ -504,32 +392,20 @@ class Scorer:
     def __init__(self, config: ScoreConfig | None = None):
         self.config = config or ScoreConfig()
         self.device = resolve_device(self.config.device)
-        self.unavailable: dict[str, str] = {}
         self.clip, clip_reason = load_clip(self.config.clip_model, self.config.clip_weights, self.device)
-        if clip_reason:
-            self.unavailable.update({c: clip_reason for c in CLIP_COLUMNS})
         self.lpips, self.lpips_weights, lpips_reason = load_lpips(self.config.lpips_net, self.config.lpips_weights, self.device)
-        if lpips_reason:
-            self.unavailable["lpips"] = lpips_reason
+        self.unavailable: dict[str, str] = _unavailable(clip_reason, lpips_reason)
         self._fingerprints: dict[str, str] = {}
 
     def describe(self) -> dict:
-        """What scored the edits, for ``run.json``: models, weight files and their sha256, and the reasons for nulls."""
-        def file_info(path):
-            if path is None or not Path(path).is_file():
-                return {"weights": path}
-            if path not in self._fingerprints:
-                self._fingerprints[path] = sha256_file(path)
-            return {"weights": str(path), "sha256": self._fingerprints[path]}
+        """What scored the edits, for ``run.json``: models, weight files and their sha256, and the reasons for nulls
+        (:func:`describe_scores` says the same without loading anything)."""
+        return _description(self.config, self.clip, self.lpips_weights, self.unavailable, self._sha256)
 
-        return {
-            "clip": None if self.clip is None else {"model": self.clip.name, **file_info(self.clip.weights)},
-            "lpips": None if self.lpips is None else {"net": self.config.lpips_net, "version": "0.1", **file_info(self.lpips_weights)},
-            "ssim": {"window": "gaussian", "sigma": 1.5, "truncate": 3.5, "k1": 0.01, "k2": 0.03, "data_range": 1.0},
-            # Where the scores look: PSNR at full size; SSIM / LPIPS within max_pixels; CLIP a centre crop.
-            "limits": {"max_pixels": self.config.max_pixels, "resize": "box", "clip_max_aspect": CLIP_MAX_ASPECT},
-            "unavailable": dict(self.unavailable),
-        }
+    def _sha256(self, path: str) -> str:
+        if path not in self._fingerprints:
+            self._fingerprints[path] = sha256_file(path)
+        return self._fingerprints[path]
 
     def clip_input(self, image: np.ndarray) -> torch.Tensor:
         """An H x W x 3 uint8 image -> CLIP's input C x S x S, through open_clip's own inference transform (an
@@ -590,7 +466,7 @@ class Scorer:
             n_fg, channels = int(m.sum()), s.shape[2]
             out["psnr_fg"][i] = _number(psnr(inside, channels * n_fg, data_range=255))
             out["psnr_bg"][i] = _number(psnr(total - inside, channels * (m.size - n_fg), data_range=255))
-            out["mask_fraction"][i] = n_fg / m.size
+            out["mask_fraction"][i] = mask_fraction(m)
             if self.clip is not None:
                 clip_src.append(self.clip_input(s))
                 clip_edt.append(self.clip_input(e))
@@ -643,4 +519,4 @@ def _view(a: np.ndarray) -> torch.Tensor:
 def _number(value) -> float | None:
     """A score as a plain float; None (null) for NaN, i.e. an empty region."""
     value = float(value)
-    return None if math.isnan(value) else value
+    return None if missing(value) else value

@@ -2,6 +2,7 @@
 
 import shutil
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from diffedit.stages.config import EditConfig
 from diffedit.stages.editor import DiffEditor, edit_batch, load
 from diffedit.stages.images import images_to_tensor
 from diffedit.stages.model import ModelLoadError, load_model
+from diffedit.stages.sources import describe_model
 from diffedit.stages.randomness import edit_seed, per_image_noise
 
 FAST = EditConfig.from_flat(steps=10, mask_samples=3)
@@ -22,7 +24,17 @@ def random_images(n, size=(32, 32), seed=0):
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def test_batch_invariance(tiny_model):
+def edit_padded(model, images, sources, targets, seeds, config, size):
+    """edit_batch on the batch padded to ``size`` with copies of its last edit (as a job pads for a compiled UNet's
+    static shapes), the padding's results dropped: (mask_Bhw, edited_BCHW)."""
+    extra = size - len(seeds)
+    pad = lambda values: list(values) + [values[-1]] * extra  # noqa: E731
+    out = edit_batch(model, torch.cat([images, images[-1:].expand(extra, -1, -1, -1)]), pad(sources), pad(targets),
+                     pad(seeds), config)
+    return out.mask_Bhw[: len(seeds)], out.edited_BCHW[: len(seeds)]
+
+
+def test_batch_invariance(tiny_model, monkeypatch):
     """An image edited among 4 others equals the same image edited alone, mask included.
 
     Same noise, same mask, bitwise; the pixels agree to float32 rounding only, since batched BLAS and
@@ -42,11 +54,18 @@ def test_batch_invariance(tiny_model):
     torch.testing.assert_close(batch.latents_BChw[2], alone.latents_BChw[0], rtol=0, atol=5e-4)
     torch.testing.assert_close(batch.edited_BCHW[2], alone.edited_BCHW[0], rtol=0, atol=5e-4)
     # Padding a short batch (static shapes for a compiled UNet) changes nothing for the real images.
-    padded = edit_batch(m, images[:3], sources[:3], targets[:3], seeds[:3], FAST, pad_to=5)
-    assert padded.edited_BCHW.shape[0] == 3 and torch.equal(padded.mask_Bhw, batch.mask_Bhw[:3])
-    torch.testing.assert_close(padded.edited_BCHW, batch.edited_BCHW[:3], rtol=0, atol=5e-4)
-    # Micro-batching the UNet changes nothing either.
-    micro = edit_batch(m, images, sources, targets, seeds, FAST, max_batch=3)
+    padded_mask, padded_edit = edit_padded(m, images[:3], sources[:3], targets[:3], seeds[:3], FAST, 5)
+    assert padded_edit.shape[0] == 3 and torch.equal(padded_mask, batch.mask_Bhw[:3])
+    torch.testing.assert_close(padded_edit, batch.edited_BCHW[:3], rtol=0, atol=5e-4)
+    # Micro-batching the UNet (the model wrapper's cap) changes nothing either; no UNet call exceeds the cap.
+    rows = []
+    hook = m.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    monkeypatch.setattr(m, "max_batch", 3)
+    try:
+        micro = edit_batch(m, images, sources, targets, seeds, FAST)
+    finally:
+        hook.remove()
+    assert max(rows) == 3 and min(rows) == 2  # two prompts per latent in the mask and the decoding: 1 latent a call
     assert torch.equal(micro.mask_Bhw, batch.mask_Bhw)
     torch.testing.assert_close(micro.edited_BCHW, batch.edited_BCHW, rtol=0, atol=5e-4)
 
@@ -146,10 +165,47 @@ def test_incomplete_folder_names_what_is_missing(tiny_model_dir, tmp_path):
 def test_unreachable_hub_id_gives_a_clear_error():
     with pytest.raises(ModelLoadError, match="hub id"):
         load_model("no-such-org/no-such-model", device="cpu")
+    with pytest.raises(ModelLoadError, match="hub id"):
+        describe_model("no-such-org/no-such-model")
+
+
+def test_describe_model_loads_no_weights(tiny_model_dir, monkeypatch):
+    """A folder is described from its configs and file bytes; a hub id from its configs and the hub's own file hashes
+    (no weight file is downloaded). Neither loads the model."""
+    import huggingface_hub
+    from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+    from diffedit.stages import model as model_module
+
+    monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("describe_model loaded the model"))
+    local = describe_model(tiny_model_dir)
+    assert local["resolution"] == 32 and local["source"] == str(tiny_model_dir.resolve()) and len(local["fingerprint"]) == 64
+
+    def hub(weights_sha256):
+        weights = BlobLfsInfo(size=1, sha256=weights_sha256, pointer_size=1)
+        files = [RepoSibling("unet/diffusion_pytorch_model.safetensors", lfs=weights), RepoSibling("unet/config.json", blob_id="1"),
+                 RepoSibling("vae/config.json", blob_id="2"), RepoSibling("README.md", blob_id="3")]
+        return SimpleNamespace(sha="0" * 40, siblings=files)
+
+    downloaded = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, name, revision=None: downloaded.append(name) or str(tiny_model_dir / name))
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, files_metadata: hub("a" * 64))
+    first = describe_model("some-org/some-model")
+    assert first["source"] == "some-org/some-model" and first["resolution"] == 32 and first["recommended"] == {}
+    assert sorted(downloaded) == ["unet/config.json", "vae/config.json"]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, files_metadata: hub("b" * 64))
+    assert describe_model("some-org/some-model")["fingerprint"] != first["fingerprint"]  # other weights on the hub
+
+
+def test_max_batch_is_checked_when_loading(tiny_model_dir):
+    assert load_model(tiny_model_dir, device="cpu", max_batch=4).max_batch == 4
+    with pytest.raises(ValueError, match="`max_batch` must be >= 1 or None but is 0"):
+        load_model(tiny_model_dir, device="cpu", max_batch=0)
 
 
 def test_v_prediction_and_half_precision(tmp_path):
-    from diffedit.stages.tiny import build_tiny_model
+    from diffedit.shapes.tiny import build_tiny_model
 
     folder = build_tiny_model(tmp_path / "v", prediction_type="v_prediction")
     model = load_model(folder, device="cpu", dtype="bf16")
@@ -173,8 +229,9 @@ def test_fingerprint_changes_with_weights(tiny_model_dir, tmp_path):
 
 def test_compiled_engine_matches_eager(tiny_model_dir):
     """The compiled path (the UNet, then the VAE too, in place) edits as the eager one does, padded batch included."""
-    eager = load_model(tiny_model_dir, device="cpu", dtype="fp32")
-    compiled = load_model(tiny_model_dir, device="cpu", dtype="fp32").compile(vae=False)
+    # max_batch 8 with guided encoding: every UNet call (mask 4 x 3 x 2, encoding, decoding) is one graph of 8.
+    eager = load_model(tiny_model_dir, device="cpu", dtype="fp32", max_batch=8)
+    compiled = load_model(tiny_model_dir, device="cpu", dtype="fp32", max_batch=8).compile(vae=False)
     assert compiled._compiled == {"unet"}
     compiled.compile()
     assert compiled._compiled == {"unet", "vae_encoder", "vae_decoder"}
@@ -182,12 +239,11 @@ def test_compiled_engine_matches_eager(tiny_model_dir):
     images = images_to_tensor(random_images(3), eager.resolution)
     sources, targets = ["a red circle", "a dog", "a star"], ["a blue circle", "a cat", "a square"]
     seeds = [edit_seed(0, f"k{i}", 0) for i in range(3)]
-    # max_batch 8 with guided encoding: every UNet call (mask 4 x 3 x 2, encoding, decoding) is one graph of 8.
     config = EditConfig.from_flat(steps=10, mask_samples=3, conditional_encoding=True, encode_guidance=3.0)
-    ref = edit_batch(eager, images, sources, targets, seeds, config, max_batch=8)
-    out = edit_batch(compiled, images, sources, targets, seeds, config, max_batch=8, pad_to=4)
-    assert torch.equal(out.mask_Bhw, ref.mask_Bhw)
-    torch.testing.assert_close(out.edited_BCHW, ref.edited_BCHW, rtol=0, atol=1e-3)
+    ref = edit_batch(eager, images, sources, targets, seeds, config)
+    out_mask, out_edit = edit_padded(compiled, images, sources, targets, seeds, config, 4)
+    assert torch.equal(out_mask, ref.mask_Bhw)
+    torch.testing.assert_close(out_edit, ref.edited_BCHW, rtol=0, atol=1e-3)
     # A batch of 4 rows holding 2 latents x 2 prompts, then 4 latents x 1 prompt: the same shapes reach the UNet, so
     # only a guard on the number of copies keeps the second call off the first one's graph (which shares rows).
     x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -235,7 +291,12 @@ def test_prompt_free_prefix_runs_once_per_latent(tiny_model_dir):
     torch.testing.assert_close(per_row, direct, rtol=0, atol=0)
     # Micro-batches keep a latent's k rows together; the result does not change.
     model.share_prefix = True
-    torch.testing.assert_close(model.predict(x, 500, embeds, max_batch=3), shared, rtol=0, atol=1e-5)
+    model.max_batch = 3
+    torch.testing.assert_close(model.predict(x, 500, embeds), shared, rtol=0, atol=1e-5)
+    model.max_batch = 0
+    with pytest.raises(ValueError, match="`max_batch` must be >= 1"):
+        model.predict(x, 500, embeds)
+    model.max_batch = None
     with pytest.raises(ValueError, match="3 latents and 4 prompt embeddings"):
         model.predict(x, 500, embeds[:4])
 

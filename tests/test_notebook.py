@@ -34,7 +34,7 @@ def outputs_text(nb):
 def executed(tmp_path_factory):
     model = os.environ.get("DIFFEDIT_NOTEBOOK_MODEL")
     if model is None and not SHIPPED_MODEL.is_dir():
-        from diffedit.stages.tiny import build_tiny_model
+        from diffedit.shapes.tiny import build_tiny_model
 
         model = str(build_tiny_model(tmp_path_factory.mktemp("notebook-model") / "tiny"))
     previous = os.environ.get("DIFFEDIT_NOTEBOOK_MODEL")

@@ -13,20 +13,22 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from diffedit.stages import scores
+from diffedit.stages import scores, sources
+from diffedit.stages.config import ScoreConfig
+from diffedit.stages.sources import CLIP_COLUMNS, ScoreLoadError, describe_scores, lpips_backbone_cache_file
 from diffedit.stages.scores import (
-    CLIP_COLUMNS,
     SCORE_COLUMNS,
-    ScoreConfig,
-    ScoreLoadError,
     Scorer,
     directional_similarity,
     gaussian_filter,
+    mask_fraction,
     region_mean,
     region_psnr,
     ssim_map,
@@ -73,16 +75,15 @@ def tiny_clip_dir(tmp_path_factory):
 
 @pytest.fixture
 def hub_dir(tmp_path, monkeypatch):
-    """An empty torch hub cache of its own for the test (restored afterwards)."""
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
+    """An empty torch hub cache of its own for the test: $TORCH_HOME/hub, as torch and stages.sources find it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+    return tmp_path / "torch" / "hub"
 
 
 @pytest.fixture
 def no_default_clip(tmp_path, monkeypatch):
-    monkeypatch.setattr(scores, "SHIPPED_CLIP", tmp_path / "no-such-clip")
+    monkeypatch.setattr(sources, "SHIPPED_CLIP", tmp_path / "no-such-clip")
 
 
 def random_alexnet_state(seed=1):
@@ -218,7 +219,7 @@ def test_missing_default_clip_gives_nulls_with_a_reason(no_default_clip, hub_dir
 
 
 def test_default_clip_is_the_shipped_folder(tiny_clip_dir, monkeypatch, hub_dir):
-    monkeypatch.setattr(scores, "SHIPPED_CLIP", tiny_clip_dir)
+    monkeypatch.setattr(sources, "SHIPPED_CLIP", tiny_clip_dir)
     scorer = Scorer(ScoreConfig(device="cpu"))
     assert scorer.clip is not None and not set(CLIP_COLUMNS) & set(scorer.unavailable)
 
@@ -231,7 +232,7 @@ def test_lpips_matches_the_package_with_the_same_backbone(hub_dir, no_default_cl
     import lpips
     from safetensors.torch import save_file
 
-    cached = scores.lpips_backbone_cache_file("alex")
+    cached = lpips_backbone_cache_file("alex")
     cached.parent.mkdir(parents=True)
     torch.save(random_alexnet_state(), cached)  # a random AlexNet where torchvision's would be cached
     reference = lpips.LPIPS(net="alex", verbose=False)  # pretrained lin layers + backbone from the cache
@@ -266,6 +267,50 @@ def test_lpips_without_backbone_weights(hub_dir, no_default_clip, tmp_path):
     torch.save({"features.0.weight": torch.zeros(1)}, wrong)
     with pytest.raises(ScoreLoadError):
         Scorer(ScoreConfig(device="cpu", lpips_weights=str(wrong)))
+
+
+# -- describing the scorers without loading them ---------------------------------------------------------
+
+
+def test_describe_scores_says_what_the_scorer_says_without_loading_a_model(hub_dir, tmp_path, monkeypatch):
+    """The job's driver describes the scores from names and files alone; the Scorer, having loaded them, agrees."""
+    import lpips
+    import open_clip
+
+    cached = sources.lpips_backbone_cache_file("alex")
+    cached.parent.mkdir(parents=True)
+    torch.save(random_alexnet_state(), cached)
+    shipped = ScoreConfig(device="cpu")  # the shipped shapes CLIP; LPIPS-alex from the cache
+    no_vgg = ScoreConfig(device="cpu", lpips_net="vgg")  # not in the cache: a null with a reason
+    no_clip = ScoreConfig(device="cpu", clip_model="ViT-B-32", clip_weights=str(tmp_path / "missing.safetensors"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("describe_scores built a model or loaded weights")
+
+    with monkeypatch.context() as m:
+        for module, name in [(open_clip, "create_model_and_transforms"), (open_clip, "load_checkpoint"),
+                             (lpips, "LPIPS"), (torch, "load")]:
+            m.setattr(module, name, refuse)
+        described = [describe_scores(shipped), describe_scores(no_vgg)]
+        with pytest.raises(ScoreLoadError, match="does not exist"):  # as Scorer(no_clip) raises
+            describe_scores(no_clip)
+    assert described == [Scorer(shipped).describe(), Scorer(no_vgg).describe()]
+    assert described[0]["clip"]["model"] == f"local-dir:{sources.SHIPPED_CLIP}" and len(described[0]["clip"]["sha256"]) == 64
+    assert described[0]["lpips"]["weights"] == str(cached) and described[0]["unavailable"] == {}
+    assert described[1]["lpips"] is None and "vgg16" in described[1]["unavailable"]["lpips"]
+    # The default CLIP missing: nulls with the same reason, both ways.
+    monkeypatch.setattr(sources, "SHIPPED_CLIP", tmp_path / "no-such-clip")
+    assert describe_scores(shipped) == Scorer(shipped).describe()
+    assert describe_scores(shipped)["clip"] is None and "no-such-clip" in describe_scores(shipped)["unavailable"]["clip_image"]
+
+
+def test_mask_fraction_of_pil_images_and_arrays():
+    m = box_mask(10, 20, 0, 0, 5, 8)  # 40 of 200 pixels
+    as_255 = m.astype(np.uint8) * 255
+    for mask in (m, as_255, Image.fromarray(as_255), Image.fromarray(m)):
+        assert mask_fraction(mask) == 0.2
+    with pytest.raises(ValueError, match="H x W"):
+        mask_fraction(np.zeros((4, 4, 3)))
 
 
 # -- PSNR and SSIM ---------------------------------------------------------------------------------------
@@ -498,3 +543,16 @@ def test_a_6_megapixel_photo_and_a_1x300000_strip_score_in_bounded_memory(tmp_pa
     assert out["psnr_fg"][0] < out["psnr_bg"][0] == float("inf") and out["ssim_bg"][0] > out["ssim_fg"][0]
     assert out["mask_fraction"] == [pytest.approx(1 / 6), 0.0]
     assert out["ssim_bg"][0] == pytest.approx(1.0, abs=0.01)  # unchanged outside, but for the mask's border
+
+
+def test_the_lpips_cache_file_is_where_torch_and_torchvision_put_it(hub_dir):
+    """stages.sources finds the backbone weights without importing torch: the same path torch hub would use."""
+    import torchvision
+
+    from diffedit.stages.config import LPIPS_BACKBONES
+
+    weights = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+    for net in LPIPS_BACKBONES:
+        url = getattr(torchvision.models, weights[net]).IMAGENET1K_V1.url
+        expected = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        assert sources.lpips_backbone_cache_file(net) == expected

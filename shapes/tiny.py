@@ -129,8 +129,8 @@ def build_tiny_model(
     ``sample_size`` is the latent size; the VAE downsamples by 2 per extra block (here 2x, so the image
     resolution is ``2 * sample_size``). Weights are written as safetensors.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
     out = Path(out_dir)
     tok_dir = write_clip_tokenizer(out / "_tokenizer_src", words)
@@ -158,21 +158,40 @@ def build_tiny_model(
         norm_num_groups=4,
         sample_size=2 * sample_size,
     )
-    text_encoder = CLIPTextModel(
+    text_encoder = clip_text_encoder(tokenizer, width=cross_attention_dim, mlp_width=32, heads=2, max_positions=77)
+    scheduler = sd_ddim_scheduler(prediction_type)
+    save_sd_folder(out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out
+
+
+def clip_text_encoder(tokenizer, width: int, mlp_width: int, heads: int, max_positions: int, layers: int = 2):
+    """A CLIP text encoder with random weights over ``tokenizer``'s vocabulary and special tokens."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
+            hidden_size=width,
+            intermediate_size=mlp_width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_positions,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    # Stable Diffusion 1.x's scheduler settings (scaled_linear betas, leading spacing, steps_offset 1).
-    scheduler = DDIMScheduler(
+
+
+def sd_ddim_scheduler(prediction_type: str = "epsilon"):
+    """Stable Diffusion 1.x's DDIM scheduler: scaled_linear betas 0.00085-0.012 over 1000 steps, leading spacing,
+    steps_offset 1."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -181,8 +200,3 @@ def build_tiny_model(
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    save_sd_folder(out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return out

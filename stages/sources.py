@@ -1,0 +1,327 @@
+"""Where a model and the scorers load from, found and described from their files alone, without importing torch.
+
+The job's driver (pipelines/job.py) plans a run with these: a model folder is checked and fingerprinted, the
+scorers' weight files are found and hashed, and run.json says which scores will be null and why, while no
+weights are loaded and no network is built, so a head node without a GPU holds no model. The loaders
+(stages/model.py: load_model, stages/scores.py: Scorer) start from the same functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..manifests.schema import SCORE_COLUMNS
+from .config import LPIPS_BACKBONES, ScoreConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = ROOT / "models" / "shapes-ldm"
+SHIPPED_CLIP = ROOT / "models" / "shapes-clip"
+COMPONENTS = {
+    # folder: (weights it must hold, or None for a config-only component)
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+    "tokenizer": None,
+    "scheduler": None,
+}
+PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+FINGERPRINTED_SUFFIXES = (".safetensors", ".json", ".txt")  # the files describe_model hashes
+RECOMMENDED_DEFAULTS_FILE = "diffedit.json"  # optional: a model's own recommended edit parameters
+CLIP_COLUMNS = tuple(c for c in SCORE_COLUMNS if c.startswith("clip_"))  # null together when no CLIP is there
+# Images longer than 4:1 reach open_clip's transform already cut to what it keeps (stages/scores.py: clip_ready): its
+# resize of the short side to S would otherwise cost S x S x aspect pixels. Up to 4:1 (panoramas) nothing changes.
+CLIP_MAX_ASPECT = 4
+
+
+# -- the model ----------------------------------------------------------------------------------------------
+
+
+class ModelLoadError(ValueError):
+    """A model folder or hub id that cannot be loaded, with the reason."""
+
+
+def check_model_folder(path: Path) -> None:
+    """Refuse a folder that is incomplete or holds only pickled weights, naming what is wrong."""
+    if not path.is_dir():
+        raise ModelLoadError(f"Model folder {path} does not exist.")
+    problems = []
+    if not (path / "model_index.json").is_file():
+        problems.append("model_index.json")
+    for folder, weights in COMPONENTS.items():
+        sub = path / folder
+        if not sub.is_dir():
+            problems.append(f"{folder}/")
+            continue
+        if folder == "scheduler" and not (sub / "scheduler_config.json").is_file():
+            problems.append("scheduler/scheduler_config.json")
+        if weights is None:
+            continue
+        if not (sub / "config.json").is_file():
+            problems.append(f"{folder}/config.json")
+        if not any(sub.glob("*.safetensors")):
+            pickled = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLED_SUFFIXES)
+            if pickled:
+                raise ModelLoadError(
+                    f"{sub} holds only pickled weights ({', '.join(pickled)}); diffedit loads safetensors only, "
+                    "since unpickling can run arbitrary code. Convert them once with diffusers "
+                    "(`pipe.save_pretrained(dir, safe_serialization=True)`) from a trusted environment."
+                )
+            problems.append(f"{folder}/{weights}")
+    if problems:
+        raise ModelLoadError(f"Model folder {path} is incomplete: missing {', '.join(problems)}.")
+
+
+def is_hub_id(model: str | Path) -> bool:
+    """Whether ``model`` names a hub repository ("org/name") rather than a local folder."""
+    text = str(model)
+    return not (Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") != 1)
+
+
+def describe_model(model: str | Path) -> dict:
+    """What the job's driver needs without loading weights: resolution, recommended defaults, fingerprint.
+
+    The fingerprint is a sha256 over the model's weight and config files (FINGERPRINTED_SUFFIXES): over their
+    bytes for a local folder (fast even at SD scale); over the hub's own hashes of them for a hub id, which
+    downloads the two configs that give the resolution and nothing else.
+    """
+    if is_hub_id(model):
+        return _describe_hub_model(str(model))
+    path = Path(model).expanduser()
+    check_model_folder(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FINGERPRINTED_SUFFIXES):
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    config = lambda name: json.loads((path / name).read_text())  # noqa: E731
+    recommended_file = path / RECOMMENDED_DEFAULTS_FILE
+    return dict(
+        source=str(path.resolve()),
+        resolution=_resolution(config("unet/config.json"), config("vae/config.json")),
+        recommended=json.loads(recommended_file.read_text()) if recommended_file.is_file() else {},
+        fingerprint=h.hexdigest(),
+    )
+
+
+def _describe_hub_model(repo_id: str) -> dict:
+    """describe_model for a hub id: the hub's sha256 of each weight file (git id of each other file), at one revision.
+    No recommended defaults: load_model reads diffedit.json from local folders only."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+        config = lambda name: json.loads(Path(hf_hub_download(repo_id, name, revision=info.sha)).read_text())  # noqa: E731
+        resolution = _resolution(config("unet/config.json"), config("vae/config.json"))
+    except (OSError, ValueError) as exc:  # the hub's HTTP, offline-mode and invalid-id errors
+        raise ModelLoadError(f"Could not describe the model hub id {repo_id!r}: {exc} (no local folder {repo_id} "
+                             "exists, and a hub id needs network access).") from exc
+    h = hashlib.sha256()
+    for f in sorted(info.siblings, key=lambda f: f.rfilename):
+        if Path(f.rfilename).suffix in FINGERPRINTED_SUFFIXES:
+            h.update(f"{f.rfilename}:{f.lfs.sha256 if f.lfs else f.blob_id}".encode())
+    return dict(source=repo_id, resolution=resolution, recommended={}, fingerprint=h.hexdigest())
+
+
+def _resolution(unet_config: dict, vae_config: dict) -> int:
+    """The UNet's training image size from the configs alone (as :attr:`DiffEditModel.resolution`)."""
+    return int(unet_config.get("sample_size", 64)) * 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+
+# -- the scorers -------------------------------------------------------------------------------------------------
+
+
+class ScoreLoadError(ValueError):
+    """A scoring model that was asked for explicitly and cannot be loaded, with the reason."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safetensors_in(folder: Path) -> Path | None:
+    preferred = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors"]
+    for name in preferred:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors"))
+    return found[0] if found else None
+
+
+def _model_config_in(folder: Path) -> Path | None:
+    """A raw open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) among the folder's JSON files."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            return path
+    return None
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """The CLIP a :class:`ScoreConfig` names, found from names and files alone (nothing is loaded)."""
+
+    name: str  # open_clip's model name: "local-dir:<folder>", a raw config's file stem, or an architecture
+    checkpoint: Path | None  # the .safetensors file the weights come from; None with a pretrained tag
+    tag: str | None = None  # an open_clip pretrained tag (downloaded: needs a reachable hub)
+    config: Path | None = None  # a raw model config JSON, registered with open_clip before building
+
+    @property
+    def weights(self) -> str:
+        return str(self.checkpoint or self.tag)
+
+
+def resolve_clip(clip_model: str | None, clip_weights: str | None) -> tuple[ClipSource | None, str | None]:
+    """Which CLIP to load, or ``(None, reason)`` when the default one is not there.
+
+    ``clip_model`` may be a folder holding either open_clip's hub layout (``open_clip_config.json`` with
+    ``model_cfg``) or a raw model config JSON, plus a ``.safetensors`` checkpoint; or an architecture name with
+    ``clip_weights`` (a ``.safetensors`` file, or a pretrained tag where a hub is reachable); None: the shipped
+    shapes CLIP. Asked-for models that cannot be found raise :class:`ScoreLoadError`; only the *default* model
+    may be absent.
+    """
+    installed = importlib.util.find_spec("open_clip") is not None
+    if clip_model is None:
+        if clip_weights is not None:
+            raise ScoreLoadError("`clip_weights` needs `clip_model` (an open_clip architecture name).")
+        if not SHIPPED_CLIP.is_dir():
+            return None, (
+                f"no CLIP weights: the shipped shapes CLIP is not at {SHIPPED_CLIP}; pass clip_model "
+                "(an open_clip architecture name or a model folder) and clip_weights"
+            )
+        if not installed:
+            return None, "no CLIP: the open_clip package (open-clip-torch) is not installed"
+        clip_model = str(SHIPPED_CLIP)
+    elif not installed:
+        raise ScoreLoadError(f"CLIP {clip_model!r} needs the open_clip package (open-clip-torch), which is not installed.")
+    folder = Path(clip_model).expanduser()
+    source = _clip_in_folder(folder, clip_weights) if folder.is_dir() else _clip_by_name(clip_model, clip_weights)
+    if source.checkpoint is not None:
+        if not source.checkpoint.is_file():
+            raise ScoreLoadError(f"CLIP weights file {source.checkpoint} does not exist.")
+        if source.checkpoint.suffix != ".safetensors":
+            raise ScoreLoadError(
+                f"CLIP weights {source.checkpoint} are not .safetensors; diffedit loads safetensors only, since "
+                "unpickling can run arbitrary code (convert once with safetensors.torch.save_file from a trusted "
+                "environment)."
+            )
+    return source, None
+
+
+def _clip_in_folder(folder: Path, clip_weights: str | None) -> ClipSource:
+    checkpoint = Path(clip_weights).expanduser() if clip_weights else _safetensors_in(folder)
+    if checkpoint is None:
+        raise ScoreLoadError(f"CLIP folder {folder} holds no .safetensors weights (diffedit loads safetensors only).")
+    if (folder / "open_clip_config.json").is_file():  # open_clip's hub layout
+        return ClipSource("local-dir:" + str(folder.resolve()), checkpoint)
+    config = _model_config_in(folder)
+    if config is None:
+        raise ScoreLoadError(
+            f"CLIP folder {folder} has neither open_clip_config.json nor a model config JSON "
+            "(with embed_dim, vision_cfg and text_cfg)."
+        )
+    return ClipSource(config.stem, checkpoint, config=config)
+
+
+def _clip_by_name(name: str, clip_weights: str | None) -> ClipSource:
+    import open_clip  # its list of architectures: configs only
+
+    if name.replace("/", "-") not in open_clip.list_models():
+        raise ScoreLoadError(
+            f"Unknown CLIP {name!r}: neither a folder nor an open_clip architecture (open_clip.list_models())."
+        )
+    if clip_weights is None:
+        raise ScoreLoadError(f"CLIP {name!r} needs `clip_weights`: diffedit never scores with random weights.")
+    if Path(clip_weights).suffix != "" or "/" in clip_weights:  # a file
+        return ClipSource(name, Path(clip_weights).expanduser())
+    return ClipSource(name, None, tag=clip_weights)
+
+
+def lpips_backbone_cache_file(net: str) -> Path:
+    """Where torch hub's cache keeps the backbone weights the lpips package would download (torch.hub.get_dir(),
+    found without importing torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub)."""
+    home = os.getenv("TORCH_HOME") or os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints" / LPIPS_BACKBONES[net]
+
+
+def resolve_lpips(net: str, weights: str | None) -> tuple[Path | None, str | None]:
+    """The backbone weights file LPIPS would load (``weights``, else torch hub's cache), found without loading it.
+
+    ``(None, reason)`` when no ``weights`` are given and the cache does not hold them, or the lpips package is not
+    installed. Explicit ``weights`` that are not there raise :class:`ScoreLoadError`.
+    """
+    path = Path(weights).expanduser() if weights else lpips_backbone_cache_file(net)
+    if weights and not path.is_file():
+        raise ScoreLoadError(f"LPIPS backbone weights file {path} does not exist.")
+    if weights and not _weights_file(path):
+        raise ScoreLoadError(f"LPIPS backbone weights file {path} is neither a PyTorch checkpoint nor safetensors.")
+    if importlib.util.find_spec("lpips") is None:
+        if weights:
+            raise ScoreLoadError(f"lpips_weights {path} was given, but the lpips package is not installed.")
+        return None, "the lpips package is not installed"
+    if not path.is_file():
+        return None, (
+            f"no LPIPS backbone weights: {path.name} is not in torch hub's cache ({path.parent}) and no "
+            f"lpips_weights was given; the lpips package would download them, which needs the network"
+        )
+    return path, None
+
+
+def _weights_file(path: Path) -> bool:
+    """Whether a file starts as a weights file can: safetensors (an 8-byte header length, then a JSON header), or a
+    PyTorch checkpoint (a zip archive, or the legacy format's pickle). Read from its first bytes, nothing loaded."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.suffix == ".safetensors":
+        return len(head) == 9 and head[8:9] == b"{"
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # zip (torch >= 1.6), pickle protocol 2+ (legacy)
+
+
+def _unavailable(clip_reason: str | None, lpips_reason: str | None) -> dict[str, str]:
+    """The score columns that will be null, each with the reason."""
+    out = {c: clip_reason for c in CLIP_COLUMNS} if clip_reason else {}
+    return {**out, "lpips": lpips_reason} if lpips_reason else out
+
+
+def _description(config: ScoreConfig, clip, lpips_weights: str | None,
+                 unavailable: dict[str, str], sha256) -> dict:
+    """``Scorer.describe()``'s record: models, weight files and their ``sha256(path)``, and the reasons for nulls.
+    ``clip`` is a :class:`ClipSource` or a loaded CLIP (both have ``name`` and ``weights``), or None."""
+    def file_info(path):
+        if path is None or not Path(path).is_file():
+            return {"weights": path}
+        return {"weights": str(path), "sha256": sha256(str(path))}
+
+    return {
+        "clip": None if clip is None else {"model": clip.name, **file_info(clip.weights)},
+        "lpips": None if lpips_weights is None else {"net": config.lpips_net, "version": "0.1", **file_info(lpips_weights)},
+        "ssim": {"window": "gaussian", "sigma": 1.5, "truncate": 3.5, "k1": 0.01, "k2": 0.03, "data_range": 1.0},
+        # Where the scores look: PSNR at full size; SSIM / LPIPS within max_pixels; CLIP a centre crop.
+        "limits": {"max_pixels": config.max_pixels, "resize": "box", "clip_max_aspect": CLIP_MAX_ASPECT},
+        "unavailable": dict(unavailable),
+    }
+
+
+def describe_scores(config: ScoreConfig) -> dict:
+    """What ``Scorer(config).describe()`` says, found from names and files alone: no network is built and no weights
+    are read but to hash them, so the job's driver can say which scores the job will have, and why not.
+
+    Raises as ``Scorer(config)`` does for a model asked for that is not there. Only a checkpoint that is there but
+    does not fit its model is left to the Scorer, which must load it to know.
+    """
+    clip, clip_reason = resolve_clip(config.clip_model, config.clip_weights)
+    lpips_file, lpips_reason = resolve_lpips(config.lpips_net, config.lpips_weights)
+    unavailable = _unavailable(clip_reason, lpips_reason)
+    return _description(config, clip, None if lpips_file is None else str(lpips_file), unavailable, sha256_file)
