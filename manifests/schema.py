@@ -64,6 +64,13 @@ def edit_id(shard: str, key: str, edit_index: int, source_prompt: str, target_pr
     return hashlib.sha1(text.encode()).hexdigest()[:20]
 
 
+def edit_ids(shard: str, key: str, edit_index: int, source_prompt: str, target_prompt: str, k: int = 1) -> list[str]:
+    """The ids of an edit's k samples (best-of-k); with k = 1, the edit's own id."""
+    if k == 1:
+        return [edit_id(shard, key, edit_index, source_prompt, target_prompt)]
+    return [edit_id(shard, key, edit_index, source_prompt, target_prompt, s) for s in range(k)]
+
+
 def empty_row(**values) -> dict:
     row = {name: None for name in SCHEMA.names}
     row.update(values)
@@ -72,3 +79,8 @@ def empty_row(**values) -> dict:
 
 def to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{n: r.get(n) for n in SCHEMA.names} for r in rows], schema=SCHEMA)
+
+
+def missing(value) -> bool:
+    """Whether a manifest value is missing: None, or a float NaN (pandas' null in a float column)."""
+    return value is None or (isinstance(value, float) and value != value)

@@ -1,8 +1,12 @@
 """Writing, reading and resuming a manifest folder (see ``schema.py`` for the layout).
 
-Exactly once: rows are committed in parts, each written under a temporary name and renamed into place
-(an atomic rename on one filesystem). The committed set is the union of the parts' ``edit_id``s; a rerun
-skips those and recomputes the rest, and leftover temporary files of a killed run are removed.
+Exactly once: rows are committed in parts. A worker writes a part whole under a staging name
+(``manifest/.staged-*.parquet``, hidden from readers: :meth:`OutputStore.stage`) and the job's driver commits it
+by renaming it into place (``part-*.parquet``: an atomic rename on one filesystem, :meth:`commit_staged`), so no
+row's bytes pass through the driver. The committed set is the union of the parts' ``edit_id``s; a rerun skips
+those and recomputes the rest. Staged parts that were never committed (a killed run, a retried task) are removed
+when a run begins and when it ends. On a cluster the output folder is a shared filesystem that every node mounts
+at the same path.
 
 One job at a time: ``begin`` takes an exclusive ``flock`` on ``OUT/.lock`` and holds it until ``close``;
 the kernel releases it when the process ends, however it ends, so a killed job never leaves it stuck.
@@ -31,10 +35,7 @@ import pyarrow.parquet as pq
 
 from .schema import SCHEMA, SCHEMA_VERSION, to_table
 
-# Parameters that change the content of rows: a rerun with other values would mix two jobs in one manifest.
-# (The schema version is checked before these, with a message of its own.)
-IDENTITY_KEYS = ("edit", "seed", "model_fingerprint", "image_format", "prompts", "caption_field", "save_latents",
-                 "resolution", "scores", "samples_per_edit", "best_by")
+STAGED = ".staged-"  # the prefix of parts written but not committed (a leading dot: readers skip them)
 
 
 class ParameterMismatch(RuntimeError):
@@ -112,8 +113,7 @@ class OutputStore:
         if previous is not None:
             check_same_job(self.out, previous, run)
         self.parts.mkdir(parents=True, exist_ok=True)
-        for stale in self.parts.glob(".tmp-*"):
-            stale.unlink()  # a part a killed run was writing: never committed, so recomputed
+        self._remove_uncommitted()
         retried = self.uncommit_errors(retry) if retry else 0
         self.write_run({**(previous or {}), **run, "completed": False})
         return retried
@@ -124,7 +124,13 @@ class OutputStore:
         os.replace(tmp, self.run_json)
 
     def finish(self, summary: dict) -> None:
+        self._remove_uncommitted()
         self.write_run({**(self.read_run() or {}), "completed": True, "last_summary": summary})
+
+    def _remove_uncommitted(self) -> None:
+        """Remove parts written but never committed: of a killed run, or of a task that Ray ran again."""
+        for stale in [*self.parts.glob(".tmp-*"), *self.parts.glob(STAGED + "*")]:
+            stale.unlink(missing_ok=True)
 
     # -- parts -----------------------------------------------------------------------------------
     def part_files(self) -> list[Path]:
@@ -136,15 +142,31 @@ class OutputStore:
             ids.update(pq.read_table(f, columns=["edit_id"]).column("edit_id").to_pylist())
         return ids
 
-    def commit(self, rows: list[dict] | pa.Table) -> Path:
+    def check_staging(self) -> None:
+        """Raise unless this process sees the job's manifest folder (a worker on another node of a cluster)."""
+        if not self.parts.is_dir():
+            raise RuntimeError(f"{self.parts} does not exist on {socket.gethostname()}: on a cluster, --output must be "
+                               "a shared folder that every node mounts at the same path")
+
+    def stage(self, rows: list[dict] | pa.Table, writer: str | None = None) -> str:
+        """Write rows as one part under a staging name (workers); returns the name for :meth:`commit_staged`.
+        ``writer`` (who wrote it: a node and process) goes in the part's metadata (``diffedit.writer``)."""
         table = rows if isinstance(rows, pa.Table) else to_table(rows)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = self.parts / f".tmp-{name}.partial"  # hidden, and no .parquet suffix: no reader globs it
-        pq.write_table(table.replace_schema_metadata(SCHEMA.metadata), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.parts / name)
-        return self.parts / name
+        name = f"{STAGED}{uuid.uuid4().hex}.parquet"
+        metadata = {**SCHEMA.metadata, b"diffedit.writer": (writer or f"pid {os.getpid()}").encode()}
+        _write_durably(table.replace_schema_metadata(metadata), self.parts / name)
+        return name
+
+    def commit_staged(self, name: str) -> Path:
+        """Commit a staged part: rename it into place (the driver)."""
+        if not name.startswith(STAGED) or "/" in name:
+            raise ValueError(f"not a staged part name: {name!r}")
+        part = self.parts / ("part-" + name[len(STAGED):])
+        os.replace(self.parts / name, part)
+        return part
+
+    def commit(self, rows: list[dict] | pa.Table) -> Path:
+        return self.commit_staged(self.stage(rows))
 
     def failed_samples(self) -> set[tuple[str, str]]:
         """(shard, key) of every sample that has an error row."""
@@ -170,10 +192,8 @@ class OutputStore:
         if table.num_rows == 0:
             part.unlink()
             return
-        tmp = self.parts / f".tmp-{part.name}.partial"
-        pq.write_table(table.replace_schema_metadata(pq.read_schema(part).metadata), tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        tmp = self.parts / f".tmp-{part.name}.partial"  # hidden, and no .parquet suffix: no reader globs it
+        _write_durably(table.replace_schema_metadata(pq.read_schema(part).metadata), tmp)
         os.replace(tmp, part)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
@@ -181,6 +201,12 @@ class OutputStore:
         if not files:
             return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
         return pads.dataset([str(f) for f in files], format="parquet", schema=SCHEMA).to_table(columns=columns)
+
+
+def _write_durably(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def check_same_job(out: Path, previous: dict, run: dict) -> None:
@@ -191,13 +217,23 @@ def check_same_job(out: Path, previous: dict, run: dict) -> None:
             f"version of diffedit; this one writes version {run.get('schema_version')} and cannot add to it. Its "
             "rows stay readable with pandas; use another --output, or pass --overwrite to delete it and start again."
         )
-    changed = [k for k in IDENTITY_KEYS if previous.get(k) != run.get(k)]
+    if "identity" not in previous and "identity" in run:
+        raise ParameterMismatch(f"{out} holds a job recorded by an older version of diffedit, whose parameters this "
+                                "one cannot compare; use another --output, or pass --overwrite to start again.")
+    before, after = previous.get("identity") or {}, run.get("identity") or {}
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     if changed:
-        detail = "; ".join(f"{k}: {previous.get(k)!r} -> {run.get(k)!r}" for k in changed)
+        detail = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(after.get(k))}" for k in changed)
         raise ParameterMismatch(
             f"{out} holds a job with other parameters ({detail}). Rerun with the same parameters to "
             "resume it, use another --output, or pass --overwrite to delete it and start again."
         )
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, (int, float, bool)) or value is None else repr(value)
+    text = str(text)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def schema_version(part: str | Path) -> str:

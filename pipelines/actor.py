@@ -1,8 +1,10 @@
 """The Ray-facing callables: shard reading and prompt expansion (CPU tasks), and the edit actor (GPU, or CPU).
 
 Thin adapters: the mathematics is ``diffedit.stages.editor.edit_batch``; the row format is
-``diffedit.manifests.schema``. One actor loads the weights once and runs the three DiffEdit steps fused
-on its device, so latents never leave it.
+``diffedit.manifests.schema``; the output layout is ``diffedit.manifests.store``. One actor loads the weights
+once and runs the three DiffEdit steps fused on its device, so latents never leave it; it writes each batch's
+rows as one staged Parquet part and returns only a one-row account of it (PART_SCHEMA), which the driver
+commits by renaming the part: no image passes through the driver.
 """
 
 from __future__ import annotations
@@ -13,44 +15,24 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import pyarrow as pa
-from PIL import Image
 
-from ..manifests.schema import edit_id, empty_row, sample_id, to_table
+from ..manifests.best import mark_best
+from ..manifests.schema import edit_ids, empty_row, missing, sample_id
+from ..manifests.store import OutputStore
+from ..stages.config import EditConfig, ScoreConfig
+from .config import EngineConfig, OutputConfig, SamplingConfig
 from .inputs import open_image, sample_from_raw
 from .prompts import PromptSpec
-
-
-CALLS_IN_FLIGHT = 2  # EditActor calls at once per GPU actor (threads): one on the GPU, one on the CPU
-
-
-@dataclass(frozen=True)
-class ExpandOptions:
-    prompts: PromptSpec
-    caption_field: str
-    seed: int
-    samples_per_edit: int = 1
-
-
-_COMMITTED: dict[str, frozenset] = {}
-
-
-def committed_edits(ref) -> frozenset:
-    """The committed edit_ids behind a Ray object ref, fetched once per worker process, not once per row."""
-    key = ref.hex()
-    if key not in _COMMITTED:
-        import ray
-
-        _COMMITTED.clear()
-        _COMMITTED[key] = ray.get(ref)
-    return _COMMITTED[key]
-
+from .shards import shard_error_key
 
 SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("image", pa.binary()),
                            ("caption", pa.string()), ("label", pa.string()), ("mask", pa.binary()),
                            ("error", pa.string())])
 SAMPLES_PER_YIELD = 32  # Ray Data merges what a task yields into blocks of up to its target block size (128 MiB)
+# What an actor call returns: one row per part it staged (its file name and what it holds).
+PART_SCHEMA = pa.schema([("part", pa.string()), ("ok", pa.int64()), ("error", pa.int64()), ("skipped", pa.int64()),
+                         ("samples", pa.int64()), ("shard_errors", pa.int64()), ("unscored_groups", pa.int64())])
 
 
 def read_samples(batch: pa.Table, caption_field: str, max_member_bytes: int, board=None):
@@ -72,125 +54,117 @@ def read_samples(batch: pa.Table, caption_field: str, max_member_bytes: int, boa
         report(board, "shard_read", n)
 
 
-def edit_samples(row: dict, seed: int, k: int) -> list[dict]:
-    """The k samples of one edit: sample index, own seed and edit_id. With k = 1, the edit's own seed and id."""
-    from ..stages.randomness import edit_seed
-
-    shard, key, i = row["shard"], row["key"], row["edit_index"]
-    prompts = (row["source_prompt"] or "", row["target_prompt"] or "")
-    return [dict(sample_index=s, seed=edit_seed(seed, sample_id(shard, key), i, s),
-                 edit_id=edit_id(shard, key, i, *prompts, s if k > 1 else None)) for s in range(k)]
+_DONE: dict[str, frozenset] = {}
 
 
-def expand_sample(sample: dict, options: ExpandOptions, committed: frozenset) -> list[dict]:
-    """One sample (SAMPLE_SCHEMA) -> one row per edit (status pending; the actor makes its k samples), or one
-    skipped/error row; committed edits dropped (an edit's samples are committed together, so one committed id
-    is enough)."""
-    if sample_id(sample["shard"], sample["key"]) in committed:  # kept with its error row (--no-retry-errors)
-        return []
-    base = dict(key=sample["key"], shard=sample["shard"], _image=None, _mask=None)
-    if sample["error"]:
-        rows = [empty_row(**base, edit_index=0, status="error", error=sample["error"], source_prompt=sample["caption"])]
-    else:
-        edits = options.prompts.edits(sample["key"], sample["caption"], sample["label"])
-        if not edits:
-            reason = options.prompts.skip_reason(sample["key"], sample["caption"], sample["label"])
-            rows = [empty_row(**base, edit_index=0, status="skipped", error=reason, source_prompt=sample["caption"])]
-        else:
-            rows = [
-                empty_row(**{**base, "_image": sample["image"], "_mask": sample["mask"]}, edit_index=i,
-                          status="pending", source_prompt=e.source_prompt, target_prompt=e.target_prompt)
-                for i, e in enumerate(edits)
-            ]
-    kept = []
-    for r in rows:
-        if r["status"] == "pending":
-            samples = edit_samples(r, options.seed, options.samples_per_edit)
-            r.update(samples[0])
-            if not any(s["edit_id"] in committed for s in samples):
-                kept.append(r)
-        else:
-            r["edit_id"] = edit_id(r["shard"], r["key"], r["edit_index"], r["source_prompt"] or "", "")
-            if r["edit_id"] not in committed:
-                kept.append(r)
-    return kept
+def done_ids(ref) -> frozenset:
+    """The ids that expand_sample drops, behind a Ray object ref, fetched once per worker process, not per row."""
+    key = ref.hex()
+    if key not in _DONE:
+        import ray
+
+        _DONE.clear()
+        _DONE[key] = ray.get(ref)
+    return _DONE[key]
 
 
 @dataclass(frozen=True)
-class ActorOptions:
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    edit: dict | None = None  # flat edit parameters
-    image_format: str = "png"
-    save_latents: bool = False
-    max_pixels: int = 64_000_000
-    max_batch: int | None = None
-    compile: bool = False
-    pad_batches_to: int | None = None
-    scores: dict | None = None  # ScoreConfig fields; None: no scoring
-    seed: int = 0  # the job's seed: each sample of an edit gets its own from it (stages/randomness.py)
-    samples_per_edit: int = 1
-    board: object = None  # the job's ProgressBoard (pipelines/progress.py), told when the model is ready
+class ExpandOptions:
+    prompts: PromptSpec
+    caption_field: str
+    sampling: SamplingConfig
 
 
-def encode_image(image: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "jpeg":
-        image.save(buf, "JPEG", quality=95)
+def expand_sample(sample: dict, options: ExpandOptions, done: frozenset) -> list[dict]:
+    """One sample (SAMPLE_SCHEMA) -> one pending row per edit, or one skipped/error row; each with its edit ids
+    and seeds (``_edit_ids``, ``_seeds``: one per sample of best-of-k, computed here only). Dropped: edits
+    already committed (an edit's samples are committed together, in one part, so its first id is enough), and
+    samples in ``done`` by sample id (kept with their error row: --no-retry-errors)."""
+    shard, key = sample["shard"], sample["key"]
+    if sample_id(shard, key) in done:
+        return []
+    base = dict(key=key, shard=shard, _image=None, _mask=None, source_prompt=sample["caption"])
+    edits = [] if sample["error"] else options.prompts.edits(key, sample["caption"], sample["label"])
+    if sample["error"]:
+        rows = [empty_row(**base, edit_index=0, status="error", error=sample["error"])]
+    elif not edits:
+        reason = options.prompts.skip_reason(key, sample["caption"], sample["label"])
+        rows = [empty_row(**base, edit_index=0, status="skipped", error=reason)]
     else:
-        image.save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
+        rows = [empty_row(**{**base, "_image": sample["image"], "_mask": sample["mask"], "edit_index": i,
+                             "status": "pending", "source_prompt": e.source_prompt, "target_prompt": e.target_prompt})
+                for i, e in enumerate(edits)]
+    for r in rows:
+        _assign_samples(r, options.sampling)
+    return [r for r in rows if r["edit_id"] not in done]
+
+
+def _assign_samples(row: dict, sampling: SamplingConfig) -> None:
+    """The ids and seeds of an edit's samples (k of them; one for a row that is no edit)."""
+    from ..stages.randomness import edit_seed
+
+    shard, key, i = row["shard"], row["key"], row["edit_index"]
+    k = sampling.samples_per_edit if row["status"] == "pending" else 1
+    target = row["target_prompt"] or ""
+    row["_edit_ids"] = edit_ids(shard, key, i, row["source_prompt"] or "", target, k)
+    row["_seeds"] = [edit_seed(sampling.seed, sample_id(shard, key), i, s) for s in range(k)]
+    row.update(edit_id=row["_edit_ids"][0], seed=row["_seeds"][0] if row["status"] == "pending" else None)
 
 
 class EditActor:
-    """``map_batches`` callable: pending rows -> edited rows; other rows pass through.
+    """``map_batches`` callable: a batch of rows -> pending rows edited (k samples each, best marked), every row
+    written as one staged part (manifests.store) -> one PART_SCHEMA row.
 
-    On GPUs the job runs it with two calls in flight (``CALLS_IN_FLIGHT``, threads): the model runs one batch at a
-    time, under ``self._device``, while the other call decodes its inputs or encodes its outputs (PIL releases the
-    GIL there), so the GPU does not wait for the CPU between batches.
+    On GPUs the job runs it with two calls in flight (threads): the model runs one batch at a time, under
+    ``self._device``, while the other call decodes its inputs or encodes its outputs (PIL releases the GIL
+    there), so the GPU does not wait for the CPU between batches.
     """
 
-    def __init__(self, options: ActorOptions):
-        from ..stages.config import EditConfig
+    def __init__(self, engine: EngineConfig, edit: EditConfig, scores: ScoreConfig | None, output: OutputConfig,
+                 sampling: SamplingConfig, max_pixels: int, output_dir: str, pad_to: int | None = None, board=None):
         from ..stages.model import load_model
-
         from .progress import report
 
         t0 = time.time()
-        self.options = options
+        self.store = OutputStore(output_dir)
+        self.store.check_staging()  # on a cluster, every node must see --output (a shared folder)
+        self.writer = _writer()
+        self.edit, self.output, self.sampling, self.max_pixels, self.pad_to = edit, output, sampling, max_pixels, pad_to
         self._device = threading.Lock()  # one batch at a time on the model (and the scorer)
-        self.model = load_model(options.model, device=options.device, dtype=options.dtype)
-        if options.compile:
+        self.model = load_model(engine.model, device=engine.device, dtype=engine.dtype, max_batch=engine.max_batch)
+        if engine.compile:
             self.model.compile()  # lazy: the first batch of each shape compiles
-        self.config = EditConfig.from_flat(options.edit or {})
         self.scorer = None
-        if options.scores is not None:
-            from ..stages.scores import ScoreConfig, Scorer
+        if scores is not None:
+            from dataclasses import replace
 
-            self.scorer = Scorer(ScoreConfig(**{**options.scores, "device": str(self.model.device)}))
-        report(options.board, "actor_ready", f"model loaded on {self.model.device} in {time.time() - t0:.0f} s"
-               + (", compiling at its first batch" if options.compile else ""))
+            from ..stages.scores import Scorer
+
+            self.scorer = Scorer(replace(scores, device=str(self.model.device)))
+        report(board, "actor_ready", f"model loaded on {self.model.device} in {time.time() - t0:.0f} s"
+               + (", compiling at its first batch" if engine.compile else ""))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for r in batch.to_pylist():
-            if r["status"] == "pending":
-                try:
-                    r["_pil"] = open_image(r["_image"], self.options.max_pixels)
-                    r["width"], r["height"] = r["_pil"].size
-                    r["_user_mask"] = None if not _has(r.get("_mask")) else _open_mask(r["_mask"], self.options.max_pixels)
-                except ValueError as exc:
-                    r.update(status="error", error=str(exc))
-                # Best-of-k: the edit's k samples, decoded once, edited in this call as k independent edits
-                # batched together (each its own seed, so its own mask noise too), returned together.
-                rows += [{**r, **s} for s in edit_samples(r, self.options.seed, self.options.samples_per_edit)]
-            else:
-                rows.append(r)
+            rows += self._samples(r) if r["status"] == "pending" else [r]
         pending = [r for r in rows if r["status"] == "pending"]
         if pending:
             self._edit(pending)
-        return to_table(rows)
+        unscored = mark_best(rows, self.sampling.best_by)
+        return pa.Table.from_pylist([_account(rows, self.store.stage(rows, self.writer), unscored)], schema=PART_SCHEMA)
+
+    def _samples(self, row: dict) -> list[dict]:
+        """Best-of-k: an edit's k samples, its image decoded once, edited in this call as k independent edits
+        batched together (each its own seed, so its own mask noise too), written together."""
+        try:
+            row["_pil"] = open_image(row["_image"], self.max_pixels)
+            row["width"], row["height"] = row["_pil"].size
+            row["_user_mask"] = None if missing(row["_mask"]) else _open_mask(row["_mask"], self.max_pixels)
+        except ValueError as exc:
+            row.update(status="error", error=str(exc))
+        return [{**row, "sample_index": s, "edit_id": edit_id, "seed": seed}
+                for s, (edit_id, seed) in enumerate(zip(row["_edit_ids"], row["_seeds"]))]
 
     def _edit(self, rows: list[dict]) -> None:
         try:
@@ -203,52 +177,82 @@ class EditActor:
                 self._edit([r])
 
     def _edit_batch(self, rows: list[dict]) -> None:
-        from ..stages.editor import edit_batch
-        from ..stages.images import images_to_tensor, mask_to_image, masks_to_tensor, tensor_to_images
-        from ..stages.mask import upsample_map
+        from ..stages.images import tensor_to_images
 
-        m, res = self.model, self.model.resolution
-        images = images_to_tensor([r["_pil"] for r in rows], res)
-        masks = [None if r["_user_mask"] is None else masks_to_tensor([r["_user_mask"]], res)[0] for r in rows]
-        with self._device:
-            out = edit_batch(
-                m, images.to(m.device), [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows],
-                [int(r["seed"]) for r in rows], self.config, masks=masks, max_batch=self.options.max_batch,
-                pad_to=self.options.pad_batches_to,
-            )
-            edited_BCHW, mask_Bhw, inferred = out.edited_BCHW.cpu(), out.mask_Bhw.cpu(), out.inferred
-            latents_BChw = out.latents_BChw.float().cpu() if self.options.save_latents else None
-            del out
-        sizes = [(r["width"], r["height"]) for r in rows]
-        edited = tensor_to_images(edited_BCHW, sizes)
-        full = upsample_map(mask_Bhw, (res, res))
-        masks_full = [mask_to_image(full[i], sizes[i]) for i in range(len(rows))]
-        column = "edited_jpg" if self.options.image_format == "jpeg" else "edited_png"
+        edited_BCHW, masks, inferred, latents_BChw = self._run_model(rows)
+        edited = tensor_to_images(edited_BCHW, [(r["width"], r["height"]) for r in rows])
         if self.scorer is not None:
             with self._device:
-                scores = self.scorer.score([r["_pil"] for r in rows], edited, masks_full,
+                scores = self.scorer.score([r["_pil"] for r in rows], edited, masks,
                                            [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows])
             for i, r in enumerate(rows):
-                r.update({name: values[i] for name, values in scores.items() if name != "mask_fraction"})
+                r.update({name: values[i] for name, values in scores.items()})
         for i, r in enumerate(rows):
-            mask = masks_full[i]
-            r.update(
-                status="ok", error=None, mask_png=encode_image(mask, "png"), mask_inferred=inferred[i],
-                mask_fraction=float(np.asarray(mask).mean() / 255.0),
-            )
-            r[column] = encode_image(edited[i], self.options.image_format)
-            if self.options.save_latents:
-                lat = latents_BChw[i]
-                r.update(latents=lat.flatten().numpy(), latents_shape=list(lat.shape))
+            r.update(status="ok", error=None, mask_inferred=inferred[i], **_images(edited[i], masks[i], self.output))
+            if latents_BChw is not None:
+                r.update(latents=latents_BChw[i].flatten().numpy(), latents_shape=list(latents_BChw[i].shape))
+
+    def _run_model(self, rows: list[dict]):
+        """The three DiffEdit steps on the batch: (edited images, full-size masks, which inferred, latents)."""
+        from ..stages.editor import edit_batch
+        from ..stages.images import images_to_tensor, mask_to_image, masks_to_tensor
+        from ..stages.mask import upsample_map
+
+        m, res, n = self.model, self.model.resolution, len(rows)
+        padded = rows + rows[-1:] * max(0, (self.pad_to or 0) - n)  # a compiled model sees one batch shape
+        images = images_to_tensor([r["_pil"] for r in padded], res)
+        masks = [None if r["_user_mask"] is None else masks_to_tensor([r["_user_mask"]], res)[0] for r in padded]
+        with self._device:
+            out = edit_batch(m, images.to(m.device), [r["source_prompt"] for r in padded],
+                             [r["target_prompt"] for r in padded], [int(r["seed"]) for r in padded], self.edit,
+                             masks=masks)
+            edited_BCHW, mask_Bhw, inferred = out.edited_BCHW[:n].cpu(), out.mask_Bhw[:n].cpu(), out.inferred[:n]
+            latents = out.latents_BChw[:n].float().cpu() if self.output.save_latents else None
+            del out
+        full = upsample_map(mask_Bhw, (res, res))
+        masks_full = [mask_to_image(full[i], (r["width"], r["height"])) for i, r in enumerate(rows)]
+        return edited_BCHW, masks_full, inferred, latents
 
 
+def encode_image(image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.save(buf, "JPEG", quality=95)
+    else:
+        image.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
 
-def _open_mask(data: bytes, max_pixels: int) -> Image.Image:
+
+def _images(edited, mask, output: OutputConfig) -> dict:
+    """An edited row's image columns: the mask PNG, its area and the edit in the chosen format."""
+    from ..stages.scores import mask_fraction
+
+    column = "edited_jpg" if output.image_format == "jpeg" else "edited_png"
+    return {"mask_png": encode_image(mask, "png"), "mask_fraction": mask_fraction(mask),
+            column: encode_image(edited, output.image_format)}
+
+
+def _account(rows: list[dict], part: str, unscored: int) -> dict:
+    """The one-row account of a staged part that the driver receives."""
+    status = [r["status"] for r in rows]
+    return dict(part=part, ok=status.count("ok"), error=status.count("error"), skipped=status.count("skipped"),
+                samples=sum(r["edit_index"] == 0 and not r["sample_index"] for r in rows),
+                shard_errors=sum(r["status"] == "error" and r["key"] == shard_error_key(r["shard"]) for r in rows),
+                unscored_groups=unscored)
+
+
+def _writer() -> str:
+    """Who writes this actor's parts (their ``diffedit.writer`` metadata): the Ray node and the process."""
+    import os
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return f"node {node}, pid {os.getpid()}"
+
+
+def _open_mask(data: bytes, max_pixels: int):
     try:
         return open_image(data, max_pixels)
     except ValueError as exc:
         raise ValueError(f"mask member: {exc}") from None
-
-
-def _has(value) -> bool:
-    return value is not None and not (isinstance(value, float) and np.isnan(value))

@@ -1,11 +1,13 @@
-"""The job: WebDataset shards -> prompt pairs -> DiffEdit actors -> committed Parquet parts.
+"""The job: WebDataset shards -> prompt pairs -> DiffEdit actors -> staged parts -> committed by the driver.
 
     from_items(shards).map_batches(read_samples) one row per sample (pipelines/shards.py: every problem an error)
       .limit(N)                                  --limit
-      .flat_map(expand_sample)                   CPU: caption -> edits; committed edits dropped (resume)
-      .map_batches(EditActor, GPU actor pool)    decode, k samples per edit: mask -> encode -> decode, PNG/JPEG
-      -> driver: mark best, commit parts         manifests.best (whole groups of k), manifests.OutputStore
+      .flat_map(expand_sample)                   CPU: caption -> edits, their ids and seeds; committed edits dropped
+      .map_batches(EditActor, actor pool)        k samples per edit: mask -> encode -> decode; best marked; the
+                                                 batch written as one staged part (manifests.store)
+      -> driver: commit each part by renaming it (one small row per part reaches the driver, never an image)
 
+The driver reads as its steps: plan -> begin the store -> build the chain -> stream and commit -> summarise.
 Resources (actors, GPUs, batch sizes) live here only.
 """
 
@@ -16,55 +18,19 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..manifests.best import DEFAULT_BEST_BY, NO_SCORE_RULE, check_best_by, complete_groups, mark_best
+from ..manifests.best import NO_SCORE_RULE, check_best_by
 from ..manifests.schema import SCHEMA_VERSION, sample_id
 from ..manifests.store import OutputStore
-from .actor import (CALLS_IN_FLIGHT, ActorOptions, EditActor, ExpandOptions, committed_edits, expand_sample,
-                    read_samples)
-from .inputs import DEFAULT_MAX_PIXELS, expand_inputs
+from ..stages.config import EditConfig
+from .actor import EditActor, ExpandOptions, done_ids, expand_sample, read_samples
+from .config import CALLS_IN_FLIGHT, JobConfig, identity, serialise
+from .inputs import expand_inputs
 from .progress import ProgressBoard, ProgressLine, quiet_ray
 from .prompts import PromptSpec
-from .shards import DEFAULT_MAX_MEMBER_BYTES, shard_error_key
-
-
-@dataclass
-class JobOptions:
-    inputs: list[str]
-    output: str
-    model: str | None = None  # None: the shipped model
-    prompts: str | None = None
-    edit: dict = field(default_factory=dict)  # flat edit parameters given on the command line (None = default)
-    seed: int = 0
-    samples_per_edit: int = 1  # best-of-k: k seeds per edit, one row each, the best marked (manifests/best.py)
-    best_by: str = DEFAULT_BEST_BY
-    batch_size: int = 8  # edits per actor call (each edit is samples_per_edit images)
-    num_gpus: int | None = None  # GPU actors (default: every GPU of the cluster)
-    gpus_per_actor: float = 1.0
-    cpu_actors: int = 1  # actors when the cluster has no GPU
-    device: str = "auto"
-    dtype: str = "auto"
-    limit: int | None = None
-    overwrite: bool = False
-    address: str | None = None
-    caption_field: str = "txt"
-    image_format: str = "png"
-    save_latents: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # larger tar members are refused before they are read
-    retry_errors: bool = True  # a rerun computes again the edits that have error rows (manifests/store.py)
-    verbose: bool = False  # Ray's own logs on the terminal
-    max_batch: int | None = 64  # UNet micro-batch cap: bounds GPU memory (docs/BENCHMARKS.md)
-    compile: bool = False
-    calls_in_flight: int | None = None  # EditActor calls at once per actor; None: 2 on GPUs (CALLS_IN_FLIGHT), 1 on CPU
-    scores: bool = True  # CLIP / LPIPS / region scores in every ok row (stages/scores.py)
-    clip_model: str | None = None
-    clip_weights: str | None = None
-    lpips_weights: str | None = None
-    rows_per_part: int = 256
-    progress_seconds: float | None = None  # between progress lines (default: 1 s on a terminal, 15 s in a log)
+from .shards import shard_error_key
 
 
 def _versions() -> dict:
@@ -93,102 +59,88 @@ def _init_ray(address: str | None, verbose: bool = False):
 
 @dataclass
 class Plan:
-    """What the driver settles before any work: the shards, prompts, parameters and the run record."""
+    """What the driver settles before any work: the shards, prompts, resolved edit, model and the run record."""
+    job: JobConfig
     shards: list[str]
     spec: PromptSpec
-    config: object  # stages.config.EditConfig
+    edit: EditConfig
     model_path: str
-    score_options: dict | None
     run: dict
 
 
-def plan_job(o: JobOptions, log) -> Plan:
+def plan_job(job: JobConfig, log) -> Plan:
     """Inputs, prompts and parameters, checked on the driver before any work starts (no weights loaded)."""
-    from ..stages.config import EditConfig
-    from ..stages.editor import SHIPPED_MODEL
-    from ..stages.model import describe_model
+    from ..stages.sources import SHIPPED_MODEL, describe_model
 
-    model_path = o.model or str(SHIPPED_MODEL)
-    if o.model is None and not SHIPPED_MODEL.is_dir():
+    model_path = job.engine.model or str(SHIPPED_MODEL)
+    if job.engine.model is None and not SHIPPED_MODEL.is_dir():
         raise FileNotFoundError(f"The shipped model is missing at {SHIPPED_MODEL}; pass --model.")
-    shards = expand_inputs(o.inputs)
-    spec = PromptSpec.load(o.prompts)
-    probe = describe_model(model_path)  # recommended defaults + fingerprint, without loading weights
-    config = EditConfig.from_flat(probe["recommended"], **o.edit)
-    if o.limit is not None and o.limit < 1:
-        raise ValueError(f"`--limit` must be >= 1 but is {o.limit}.")
-    k = o.samples_per_edit
-    if k < 1:
-        raise ValueError(f"`--samples-per-edit` must be >= 1 but is {k}.")
-    if o.calls_in_flight is not None and o.calls_in_flight < 1:
-        raise ValueError(f"`calls_in_flight` must be at least 1 but is {o.calls_in_flight}.")
-    better = check_best_by(o.best_by)
-    score_options, scores_described = None, None
-    if o.scores:
-        from ..stages.scores import ScoreConfig, Scorer
-
-        score_options = dict(clip_model=o.clip_model, clip_weights=o.clip_weights, lpips_weights=o.lpips_weights)
-        scores_described = Scorer(ScoreConfig(**score_options, device="cpu")).describe()  # what will score, or why not
-        for column, reason in scores_described["unavailable"].items():
-            log(f"note: {column} will be null: {reason}")
-    if k > 1 and (not o.scores or o.best_by in scores_described["unavailable"]):
-        why = "--no-scores" if not o.scores else scores_described["unavailable"][o.best_by]
-        raise ValueError(f"--samples-per-edit {k} picks the best sample by {o.best_by}, which will be null ({why}); "
-                         "pass another --best-by, or make the score available.")
+    shards = expand_inputs(list(job.inputs))
+    spec = PromptSpec.load(job.input.prompts)
+    probe = describe_model(model_path)  # recommended defaults + fingerprint, from the files
+    edit = EditConfig.from_flat(probe["recommended"], **job.edit)
+    sampling = job.sampling
     run = dict(
-        edit=config.flat(), seed=o.seed, model=probe["source"], model_fingerprint=probe["fingerprint"],
-        model_recommended=probe["recommended"], image_format=o.image_format, prompts=spec.digest(),
-        caption_field=o.caption_field, save_latents=o.save_latents, resolution=probe["resolution"],
-        inputs=o.inputs, shards=len(shards), versions=_versions(),
-        shards_digest=hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16], scores=scores_described,
-        schema_version=SCHEMA_VERSION, samples_per_edit=k, best_by=o.best_by,
-        best_rule=f"{better} {o.best_by} is better (ties: the lowest sample_index); {NO_SCORE_RULE}",
-        options={n: v for n, v in asdict(o).items() if n not in ("edit", "inputs", "samples_per_edit", "best_by")},
+        serialise(job, edit), inputs=list(job.inputs), model=probe["source"], model_fingerprint=probe["fingerprint"],
+        model_recommended=probe["recommended"], resolution=probe["resolution"], prompts_digest=spec.digest(),
+        scorers=_describe_scorers(job, log), shards=len(shards), versions=_versions(), schema_version=SCHEMA_VERSION,
+        shards_digest=hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16],
+        best_rule=f"{check_best_by(sampling.best_by)} {sampling.best_by} is better (ties: the lowest sample_index); "
+                  f"{NO_SCORE_RULE}",
     )
-    return Plan(shards, spec, config, model_path, score_options, run)
+    run["identity"] = identity(run)
+    return Plan(job, shards, spec, edit, str(model_path), run)
 
 
-def _resources(ray, o: JobOptions) -> tuple[int, dict, int]:
+def _describe_scorers(job: JobConfig, log) -> dict | None:
+    """Which score columns the actors will fill, and why not the others: from the files, no weights loaded."""
+    k, best_by = job.sampling.samples_per_edit, job.sampling.best_by
+    described = None
+    if job.output.scores:
+        from ..stages.sources import describe_scores
+
+        described = describe_scores(job.scores)
+        for column, reason in described["unavailable"].items():
+            log(f"note: {column} will be null: {reason}")
+    if k > 1 and (described is None or best_by in described["unavailable"]):
+        why = "--no-scores" if described is None else described["unavailable"][best_by]
+        raise ValueError(f"--samples-per-edit {k} picks the best sample by {best_by}, which will be null ({why}); "
+                         "pass another --best-by, or make the score available.")
+    return described
+
+
+def _resources(ray, job: JobConfig) -> tuple[int, dict, int]:
     """(actors, per-actor resources, calls in flight per actor) for this cluster."""
+    r, on_cpu = job.resources, job.engine.device == "cpu"
     # GPU actors when the cluster has GPUs, or when --num-gpus asks for them: an autoscaling cluster may have
     # no GPU node yet, and GPU actors are what make it start some.
-    gpus = ray.cluster_resources().get("GPU", 0) if o.device != "cpu" else 0
-    gpus = gpus or (o.num_gpus * o.gpus_per_actor if o.num_gpus and o.device != "cpu" else 0)
+    gpus = 0 if on_cpu else ray.cluster_resources().get("GPU", 0) or (r.num_gpus or 0) * r.gpus_per_actor
     if not gpus:
-        return o.cpu_actors, dict(num_cpus=1), o.calls_in_flight or 1
-    actors = o.num_gpus or max(1, int(gpus // o.gpus_per_actor))
-    return actors, dict(num_gpus=o.gpus_per_actor), o.calls_in_flight or CALLS_IN_FLIGHT
+        return r.cpu_actors, dict(num_cpus=1), r.calls_in_flight or 1
+    actors = r.num_gpus or max(1, int(gpus // r.gpus_per_actor))
+    return actors, dict(num_gpus=r.gpus_per_actor), r.calls_in_flight or CALLS_IN_FLIGHT
 
 
-def build_chain(ray, o: JobOptions, plan: Plan, committed: frozenset, board, actors: int, resources: dict, calls: int):
-    """shards -> samples (read tasks) -> limit -> edits (prompt pairs, committed dropped) -> edited rows (actors)."""
-    k = o.samples_per_edit
-    actor_options = ActorOptions(
-        model=plan.model_path, device=o.device, dtype=o.dtype, edit=plan.config.flat(), image_format=o.image_format,
-        save_latents=o.save_latents, max_pixels=o.max_pixels, max_batch=o.max_batch, compile=o.compile,
-        pad_batches_to=o.batch_size * k if o.compile else None, scores=plan.score_options, seed=o.seed,
-        samples_per_edit=k, board=board,
-    )
-    expand_options = ExpandOptions(plan.spec, o.caption_field, o.seed, k)
-    committed_ref = ray.put(committed)
-
-    def expand(row, committed_ref=committed_ref):
-        return expand_sample(row, expand_options, committed_edits(committed_ref))
-
+def build_chain(ray, plan: Plan, done: frozenset, board, actors: int, resources: dict, calls: int):
+    """shards -> samples (read tasks) -> limit -> edits (prompt pairs, committed dropped) -> parts (actors)."""
+    job = plan.job
     # With --no-retry-errors, a shard that has a shard error row is not read again (its error row stays).
-    shards = [s for s in plan.shards if sample_id(s, shard_error_key(s)) not in committed]
+    shards = [s for s in plan.shards if sample_id(s, shard_error_key(s)) not in done]
     if not shards:
         return None
     ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(read_samples, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs=dict(caption_field=o.caption_field, max_member_bytes=o.max_member_bytes, board=board))
-    if o.limit is not None:
-        ds = ds.limit(o.limit)
-    # Blocks of one batch of edits: an actor task is then one batch, and its rows reach the driver when it ends, so
-    # commits, progress and the spread over actors stay fine-grained (a read task yields a whole shard's block).
-    ds = ds.flat_map(expand).repartition(target_num_rows_per_block=o.batch_size)
+    ds = ds.map_batches(read_samples, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
+        caption_field=job.input.caption_field, max_member_bytes=job.input.max_member_bytes, board=board))
+    if job.run.limit is not None:
+        ds = ds.limit(job.run.limit)
+    expand_options, done_ref = ExpandOptions(plan.spec, job.input.caption_field, job.sampling), ray.put(done)
+    # Blocks of one batch of edits: an actor call is then one batch, written as one part, so commits, progress and
+    # the spread over actors stay fine-grained (a read task yields a whole shard's block).
+    ds = ds.flat_map(lambda row: expand_sample(row, expand_options, done_ids(done_ref)))
+    ds = ds.repartition(target_num_rows_per_block=job.resources.batch_size)
     return ds.map_batches(
-        EditActor, fn_constructor_args=(actor_options,), batch_size=o.batch_size, batch_format="pyarrow",
+        EditActor, fn_constructor_kwargs=_actor_kwargs(plan, board), batch_size=job.resources.batch_size,
+        batch_format="pyarrow",
         # On GPUs, two calls per actor at once: one batch's CPU work (image decode, PNG encode) overlaps another's
         # GPU work; EditActor runs the model one batch at a time. On CPU there is no separate device to overlap.
         compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
@@ -197,82 +149,81 @@ def build_chain(ray, o: JobOptions, plan: Plan, committed: frozenset, board, act
     )
 
 
-def _first_row(row: dict) -> bool:
-    """Whether ``row`` is its sample's first (edit 0, sample 0): every sample has exactly one, error and skipped
-    samples included."""
-    return row["edit_index"] == 0 and not row["sample_index"]
+def _actor_kwargs(plan: Plan, board) -> dict:
+    """What an EditActor is built from: the configs it needs, passed whole."""
+    job = plan.job
+    k = job.sampling.samples_per_edit
+    return dict(engine=replace(job.engine, model=plan.model_path), edit=plan.edit,
+                scores=job.scores if job.output.scores else None, output=job.output, sampling=job.sampling,
+                max_pixels=job.input.max_pixels, output_dir=job.output_dir, board=board,
+                pad_to=job.resources.batch_size * k if job.engine.compile else None)
 
 
 class Committer:
-    """The driver's side of the stream: counts rows, marks best of k, commits whole edits in parts."""
+    """The driver's side of the stream: commits each staged part by renaming it, and counts what it holds."""
 
-    def __init__(self, store: OutputStore, o: JobOptions, progress: ProgressLine, shards: list[str]):
-        self.store, self.o, self.progress = store, o, progress
+    def __init__(self, store: OutputStore, progress: ProgressLine):
+        self.store, self.progress = store, progress
         self.counts: Counter = Counter()
-        self.unscored_groups = 0
-        self.shard_errors = 0
-        self.buffer: list[dict] = []
-        self.last_flush = time.time()
-        # Samples done, for the progress line, counted by their first row (no set grows with the job); those
-        # committed by earlier runs count too, since their rows never come back.
-        read = set(shards)
-        done = store.read(columns=["shard", "edit_index", "sample_index"]).to_pylist()
-        progress.samples_done = sum(_first_row(r) for r in done if r["shard"] in read)
+        self.unscored_groups = self.shard_errors = 0
 
-    def add(self, rows: list[dict]) -> None:
-        self.buffer += rows
-        self.counts.update(r["status"] for r in rows)
-        self.shard_errors += sum(r["status"] == "error" and r["key"] == shard_error_key(r["shard"]) for r in rows)
-        self.progress.samples_done += sum(_first_row(r) for r in rows)
-        self.progress.ok = self.counts["ok"]
-        self.progress.rows_done = sum(self.counts.values())
-        if len(self.buffer) >= self.o.rows_per_part or time.time() - self.last_flush > 30:
-            self.flush()
-
-    def flush(self) -> None:
-        """Commit rows of no edit and edits with all k samples, their best marked; keep the other rows."""
-        ready, self.buffer = complete_groups(self.buffer, self.o.samples_per_edit)
-        if ready:
-            self.unscored_groups += mark_best(ready, self.o.best_by)
-            self.store.commit(ready)
-        self.last_flush = time.time()
-
-    def close(self) -> None:
-        self.flush()
-        if self.buffer:
-            raise RuntimeError(f"some edits came back from the actors without all {self.o.samples_per_edit} samples: "
-                               "not committed; rerun the same command to edit them again")
+    def add(self, accounts: list[dict]) -> None:
+        """Commit parts from their accounts (pipelines.actor.PART_SCHEMA rows)."""
+        for a in accounts:
+            self.store.commit_staged(a["part"])
+            self.counts.update({status: a[status] for status in ("ok", "error", "skipped") if a[status]})
+            self.shard_errors += a["shard_errors"]
+            self.unscored_groups += a["unscored_groups"]
+            self.progress.samples_done += a["samples"]
+        self.progress.ok, self.progress.rows_done = self.counts["ok"], sum(self.counts.values())
 
 
-def _done(store: OutputStore, o: JobOptions, committed: set[str]) -> frozenset:
-    """What expand_sample drops: the committed edit ids and, when error rows are kept (--no-retry-errors), the
-    sample ids (manifests.schema.sample_id) of the samples that have one, so a repaired sample is not edited
-    beside its error row."""
-    done = set(committed)
-    if not o.retry_errors:
+def begin(store: OutputStore, plan: Plan, log) -> tuple[frozenset, bool]:
+    """Start or resume the job in the store: (what expand_sample drops, whether nothing is left to do)."""
+    job = plan.job
+    previous = None if job.run.overwrite else store.read_run()
+    retried = store.begin(plan.run, overwrite=job.run.overwrite,
+                          retry=frozenset(plan.shards) if job.run.retry_errors else frozenset())
+    # A completed run of the same shards (the expanded list: a glob may match new shards since) with no error to
+    # retry has nothing left.
+    nothing_left = bool(previous and previous.get("completed") and not retried
+                        and previous.get("shards_digest") == plan.run["shards_digest"]
+                        and (previous.get("run") or {}).get("limit") == job.run.limit)
+    done = store.committed_ids()
+    log(f"diffedit run: {len(plan.shards)} shard(s), {len(done)} edit(s) already committed in {job.output_dir}"
+        + (f", {retried} edit(s) with errors to retry" if retried else ""))
+    if not job.run.retry_errors:  # error rows kept: their samples are not edited beside them (by sample id)
         done |= {sample_id(shard, key) for shard, key in store.failed_samples()}
-    return frozenset(done)
+    return frozenset(done), nothing_left
 
 
-def stream(ray, o: JobOptions, plan: Plan, store: OutputStore, committer: Committer, committed: set[str],
-           log) -> None:
-    """Run the Ray chain and commit what it yields."""
+def samples_done(store: OutputStore, shards: list[str]) -> int:
+    """Samples of these shards committed by earlier runs, counted by their first row (edit 0, sample 0): every
+    sample has exactly one, error and skipped samples included."""
+    read = set(shards)
+    rows = store.read(columns=["shard", "edit_index", "sample_index"]).to_pylist()
+    return sum(r["shard"] in read and r["edit_index"] == 0 and not r["sample_index"] for r in rows)
+
+
+def stream(ray, plan: Plan, done: frozenset, committer: Committer, log) -> None:
+    """Run the Ray chain and commit the parts it reports."""
     board = ray.remote(num_cpus=0)(ProgressBoard).remote(len(plan.shards))
-    committer.progress.board = board
-    actors, resources, calls = _resources(ray, o)
-    committer.progress.actors = actors
-    ds = build_chain(ray, o, plan, _done(store, o, committed), board, actors, resources, calls)
+    actors, resources, calls = _resources(ray, plan.job)
+    progress = committer.progress
+    progress.board, progress.actors = board, actors
+    ds = build_chain(ray, plan, done, board, actors, resources, calls)
     if ds is None:
         ray.kill(board)
         log("nothing left to edit: every shard has a kept shard error row (--no-retry-errors)")
         return
-    k = o.samples_per_edit
-    log(f"editing with {actors} actor(s) ({'GPU x %g each' % resources['num_gpus'] if 'num_gpus' in resources else 'CPU'}), "
-        f"batch size {o.batch_size}" + (f" edits x {k} samples" if k > 1 else ""))
-    committer.progress.phase = "loading the model" + (" and compiling" if o.compile else "")
+    k, compiled = plan.job.sampling.samples_per_edit, plan.job.engine.compile
+    where = f"GPU x {resources['num_gpus']:g} each" if "num_gpus" in resources else "CPU"
+    log(f"editing with {actors} actor(s) ({where}), batch size {plan.job.resources.batch_size}"
+        + (f" edits x {k} samples" if k > 1 else ""))
+    progress.phase = "loading the model" + (" and compiling" if compiled else "")
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            committer.progress.phase = "editing"
+            progress.phase = "editing"
             committer.add(batch.to_pylist())
     except Exception as exc:
         # Ray Data cancels an actor pool that is still starting when no row reaches it (every edit
@@ -281,55 +232,49 @@ def stream(ray, o: JobOptions, plan: Plan, store: OutputStore, committer: Commit
             raise
         log("nothing left to edit: every edit of these shards is committed")
     finally:
-        committer.progress.board = None
+        progress.board = None
         ray.kill(board)  # a process of its own: one per job would pile up in a long-lived Ray
-    committer.close()
 
 
-def run_job(o: JobOptions, log=print) -> dict:
+def run_job(job: JobConfig, log=print) -> dict:
     """Run (or resume) the job; returns the summary it prints."""
-    t0 = time.time()
-    store = OutputStore(o.output)
+    t0, store = time.time(), OutputStore(job.output_dir)
     store.lock()  # first: a busy or unusable --output is refused before anything is loaded
     try:
-        plan = plan_job(o, log)
-        previous = None if o.overwrite else store.read_run()
-        retried = store.begin(plan.run, overwrite=o.overwrite,
-                              retry=frozenset(plan.shards) if o.retry_errors else frozenset())
-        # A completed run of the same shards (the expanded list: a glob may match new shards since) with no error
-        # to retry has nothing left.
-        already_done = bool(previous and previous.get("completed") and not retried
-                            and previous.get("shards_digest") == plan.run["shards_digest"]
-                            and previous.get("options", {}).get("limit") == o.limit)
-        committed = store.committed_ids()
-        log(f"diffedit run: {len(plan.shards)} shard(s), {len(committed)} edit(s) already committed in "
-            f"{o.output}" + (f", {retried} edit(s) with errors to retry" if retried else ""))
-        tty = sys.stderr.isatty()
-        with quiet_ray(o.verbose), ProgressLine(limit=o.limit, interval=o.progress_seconds, tty=tty) as progress:
-            committer = Committer(store, o, progress, plan.shards)
-            if already_done:
+        plan = plan_job(job, log)
+        done, nothing_left = begin(store, plan, log)
+        with quiet_ray(job.run.verbose), ProgressLine(limit=job.run.limit, interval=job.run.progress_seconds,
+                                                      tty=sys.stderr.isatty()) as progress:
+            progress.samples_done = samples_done(store, plan.shards)
+            committer = Committer(store, progress)
+            if nothing_left:
                 log("nothing left to edit: the last run of this command completed")
             else:
                 progress.phase = "starting Ray"
-                stream(_init_ray(o.address, o.verbose), o, plan, store, committer, committed, log)
-        summary = _summary(store, committer, o, time.time() - t0)
+                stream(_init_ray(job.resources.address, job.run.verbose), plan, done, committer, log)
+        summary = _summary(store, committer, job, time.time() - t0)
         store.finish(summary)
     finally:
         store.close()
-    if committer.counts["error"]:
-        log(f"note: {committer.counts['error']} error row(s), {committer.shard_errors} of them for shards that could not "
-            f"be read; `diffedit status {o.output}` lists the reasons"
-            + (", and rerunning this command retries them" if o.retry_errors else ""))
+    _final_note(job, committer, log)
     log("done: " + json.dumps(summary))
     return summary
 
 
-def _summary(store: OutputStore, committer: Committer, o: JobOptions, seconds: float) -> dict:
+def _final_note(job: JobConfig, committer: Committer, log) -> None:
+    errors = committer.counts["error"]
+    if errors:
+        log(f"note: {errors} error row(s), {committer.shard_errors} of them for shards that could not be read; "
+            f"`diffedit status {job.output_dir}` lists the reasons"
+            + (", and rerunning this command retries them" if job.run.retry_errors else ""))
+
+
+def _summary(store: OutputStore, committer: Committer, job: JobConfig, seconds: float) -> dict:
     total = Counter(store.read(columns=["status"]).column("status").to_pylist())
     counts = committer.counts
     summary = dict(new_rows=sum(counts.values()), new_by_status=dict(counts), total_by_status=dict(total),
                    seconds=round(seconds, 2), edits_per_s=round(counts["ok"] / max(seconds, 1e-9), 3),
-                   output=str(Path(o.output).resolve()))
-    if o.samples_per_edit > 1:  # edits whose best sample could not be chosen by the score (run.json's best_rule)
+                   output=str(Path(job.output_dir).resolve()))
+    if job.sampling.samples_per_edit > 1:  # edits whose best sample could not be chosen by the score (best_rule)
         summary["new_edits_best_without_score"] = committer.unscored_groups
     return summary

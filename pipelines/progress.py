@@ -146,16 +146,20 @@ NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d [\d:,.]+ [DIWEF] \d+ \d+\] \S
 
 @contextlib.contextmanager
 def quiet_ray(verbose: bool = False):
-    """Hide Ray's own log lines from the terminal unless ``verbose``: its Python loggers are set to errors only,
-    and the native lines on file descriptor 2 are filtered out (every other line written to stderr passes)."""
+    """Hide Ray's own log lines from the terminal unless ``verbose``: its Python loggers are set to critical only
+    (a failure reaches the user as diffedit's own one-line error, pipelines/cli.py), the errors the raylet
+    publishes to the driver (e.g. a dead actor's whole traceback, printed to stdout) are not printed, and the native
+    lines on file descriptor 2 are filtered out (every other line written to stderr passes)."""
     if verbose:
         yield
         return
     import ray
     import ray.data  # noqa: F401 - its loggers are configured on import: quiet them after
+    from ray._private import worker as ray_worker  # Ray prints published worker logs and errors if this is set
 
     for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    ray_worker._worker_logs_enabled = False
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # e.g. its UserWarning about actor pools with no input
     sys.stderr.flush()
     saved = os.dup(2)
@@ -175,6 +179,7 @@ def quiet_ray(verbose: bool = False):
     try:
         yield
     finally:
+        ray_worker._worker_logs_enabled = True
         sys.stderr.flush()
         os.dup2(saved, 2)  # closes the pipe's last write end held by fd 2: the thread reads to the end
         thread.join(timeout=0.5)  # Ray's own processes may hold the pipe open: do not wait for them

@@ -17,12 +17,19 @@ from diffedit.manifests.best import BETTER, check_best_by, complete_groups, mark
 from diffedit.manifests.schema import SCORE_COLUMNS
 from diffedit.manifests.store import OutputStore, ParameterMismatch, schema_version
 from diffedit.pipelines.cli import main as cli_main
-from diffedit.pipelines.job import JobOptions, run_job
+from diffedit.pipelines.config import JobConfig
+from diffedit.pipelines.job import run_job
 
 FAST = dict(steps=4, mask_samples=2)
 RULES = "rules:\n  - from: red\n    to: [blue, green]\n"
 K = 3
 GROUP = ["key", "edit_index"]
+
+
+def config(inputs, output, edit=(), **options) -> JobConfig:
+    """A job's config from flat options, as the command line gives them (edit: flat edit parameters)."""
+    return JobConfig.from_flat(inputs, output, **dict(edit), **options)
+
 
 
 def png(image) -> bytes:
@@ -54,7 +61,7 @@ def job(shards, out, model, **kw):
     options = dict(inputs=[shards["small"]], output=str(out), model=str(model), prompts=shards["rules"],
                    edit=dict(FAST), batch_size=2)
     options.update(kw)
-    return run_job(JobOptions(**options), log=lambda *a: None)
+    return run_job(config(**options), log=lambda *a: None)
 
 
 def read(out) -> pd.DataFrame:
@@ -78,7 +85,7 @@ def assert_whole_groups(out, k):
 @pytest.fixture(scope="module")
 def k3(shards, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("k3") / "job"
-    summary = job(shards, out, tiny_model_dir, samples_per_edit=K, rows_per_part=2)  # a part is < K rows: groups win
+    summary = job(shards, out, tiny_model_dir, samples_per_edit=K)
     return out, summary
 
 
@@ -103,7 +110,7 @@ def test_k_samples_per_edit_and_exactly_one_best(k3):
     assert_whole_groups(out, K)
     assert schema_version(next((Path(out) / "manifest").glob("part-*.parquet"))) == "3"
     run = OutputStore(out).read_run()
-    assert (run["samples_per_edit"], run["best_by"]) == (K, "clip_directional")
+    assert (run["sampling"]["samples_per_edit"], run["sampling"]["best_by"]) == (K, "clip_directional")
     assert "higher clip_directional is better" in run["best_rule"] and "sample 0" in run["best_rule"]
 
 
@@ -141,7 +148,7 @@ def test_changed_k_or_score_is_refused(k3, shards, tiny_model_dir):
         job(shards, out, tiny_model_dir, samples_per_edit=K, best_by="mask_fraction")
     with pytest.raises(ValueError, match="null .*--no-scores"):
         job(shards, out, tiny_model_dir, samples_per_edit=K, scores=False)
-    assert job(shards, out, tiny_model_dir, samples_per_edit=K, rows_per_part=2)["new_rows"] == 0
+    assert job(shards, out, tiny_model_dir, samples_per_edit=K)["new_rows"] == 0
 
 
 def test_status_export_best_only_and_where(k3, tmp_path, capsys):
@@ -179,16 +186,16 @@ def test_resume_after_a_kill_gives_exactly_k_rows_per_edit(shards, tiny_model_di
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "diffedit.pipelines.cli", "run", str(tmp_path / "big-*.tar"), "--output", str(out),
            "--model", str(tiny_model_dir), "--prompts", shards["rules"], "--steps", "4", "--mask-samples", "2",
-           "--samples-per-edit", str(K), "--batch-size", "1", "--rows-per-part", "1"]
+           "--samples-per-edit", str(K), "--batch-size", "1"]
     kill_part_way(cmd, out, parts=2)
     before = parts(out)
     committed = len(read(out))
     total = 32 * K + 8
     assert 0 < committed < total, f"{committed} rows committed before the kill: not part-way"
     assert_whole_groups(out, K)
-    summary = run_job(JobOptions(inputs=[str(tmp_path / "big-*.tar")], output=str(out), model=str(tiny_model_dir),
-                                 prompts=shards["rules"], edit=dict(FAST), samples_per_edit=K, batch_size=1,
-                                 rows_per_part=1), log=lambda *a: None)
+    summary = run_job(config(inputs=[str(tmp_path / "big-*.tar")], output=str(out), model=str(tiny_model_dir),
+                                 prompts=shards["rules"], edit=dict(FAST), samples_per_edit=K, batch_size=1),
+                      log=lambda *a: None)
     df = read(out)
     assert len(df) == total and df.edit_id.is_unique and summary["new_rows"] == total - committed
     edits = df[df.sample_index.notna()]
@@ -215,7 +222,7 @@ def test_best_by_lpips_with_local_backbone_weights(shards, tiny_model_dir, tmp_p
     ok = df[df.status == "ok"]
     assert len(ok) == 12 and ok.lpips.notna().all() and (ok.lpips > 0).all()
     assert set(ok.loc[ok.groupby(GROUP).lpips.idxmin(), "edit_id"]) == set(ok[ok.best].edit_id)
-    assert OutputStore(out).read_run()["scores"]["lpips"]["weights"] == str(weights)
+    assert OutputStore(out).read_run()["scorers"]["lpips"]["weights"] == str(weights)
 
 
 # -- the rules, without Ray ------------------------------------------------------------------------------
@@ -271,7 +278,7 @@ def test_status_and_export_of_marked_rows_without_ray(tmp_path):
                          seed=s, width=1, height=1, mask_png=b"m", edited_png=b"e", clip_directional=score)
 
     store = OutputStore(tmp_path / "out")
-    store.begin(dict(samples_per_edit=2, best_by="clip_directional"))
+    store.begin(dict(sampling=dict(samples_per_edit=2, best_by="clip_directional")))
     rows = [ok_row("a", 0, 0.1), ok_row("a", 1, 0.2), ok_row("b", 0, None), ok_row("b", 1, None)]
     assert mark_best(rows, "clip_directional") == 1
     store.commit(rows)

@@ -216,7 +216,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from diffedit.stages.tiny import build_tiny_model
+    from diffedit.shapes.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 
@@ -303,6 +303,18 @@ def test_actors_spread_over_the_gpu_nodes(first_run, cluster):
     nodes = {a["node"] for a in actors}
     assert nodes == set(cluster.workers), f"edit actors on {len(nodes & set(cluster.workers))} of the 2 GPU nodes, " \
         f"and on {len(nodes - set(cluster.workers))} other node(s)"
+
+
+def test_parts_are_written_by_the_actors_on_the_gpu_nodes(first_run, cluster):
+    """Workers write their own parts (the driver on the head only renames them): every part's writer is an
+    edit actor's process on a GPU node, none the driver."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((first_run["out"] / "manifest").glob("part-*.parquet"))
+    writers = [pq.read_schema(p).metadata[b"diffedit.writer"].decode() for p in parts]
+    nodes = {w.split(",")[0].removeprefix("node ") for w in writers}
+    assert parts and nodes <= set(cluster.workers), (writers, cluster.workers)
+    assert not [w for w in writers if w.endswith(f"pid {first_run['pid']}")]
 
 
 def test_driver_on_a_node_without_gpus(first_run, cluster):

@@ -25,10 +25,17 @@ from PIL import Image
 
 from diffedit.manifests.store import OutputLocked, OutputStore, ParameterMismatch
 from diffedit.pipelines.cli import main as cli_main
-from diffedit.pipelines.job import JobOptions, plan_job, run_job
+from diffedit.pipelines.config import JobConfig
+from diffedit.pipelines.job import plan_job, run_job
 
 FAST = dict(steps=2, mask_samples=1)
 RULES = "rules:\n  - from: red\n    to: blue\n"
+
+
+def config(inputs, output, edit=(), **options) -> JobConfig:
+    """A job's config from flat options, as the command line gives them (edit: flat edit parameters)."""
+    return JobConfig.from_flat(inputs, output, **dict(edit), **options)
+
 
 
 def png(seed: int, size=(24, 20)) -> bytes:
@@ -66,7 +73,7 @@ def job(inputs, out, model, log=lambda *a: None, **kw) -> dict:
     options = dict(inputs=[str(i) for i in inputs], output=str(out), model=str(model), prompts=kw.pop("prompts"),
                    edit=dict(FAST), batch_size=4, scores=False)
     options.update(kw)
-    return run_job(JobOptions(**options), log=log)
+    return run_job(config(**options), log=log)
 
 
 def read(out) -> pd.DataFrame:
@@ -282,11 +289,11 @@ def test_an_edit_to_the_table_a_yaml_points_to_is_a_parameter_change(tmp_path, t
     shard = write_shard(tmp_path / "a.tar", ["k"])
     (tmp_path / "pairs.csv").write_text("key,source_prompt,target_prompt\nk,a red circle,a blue circle\n")
     (tmp_path / "p.yaml").write_text("table: pairs.csv\n")
-    options = JobOptions(inputs=[str(shard)], output=str(tmp_path / "out"), model=str(tiny_model_dir),
+    options = config(inputs=[str(shard)], output=str(tmp_path / "out"), model=str(tiny_model_dir),
                          prompts=str(tmp_path / "p.yaml"), scores=False)
-    before = plan_job(options, log=lambda *a: None).run["prompts"]
+    before = plan_job(options, log=lambda *a: None).run["prompts_digest"]
     (tmp_path / "pairs.csv").write_text("key,source_prompt,target_prompt\nk,a red circle,a green circle\n")
-    assert plan_job(options, log=lambda *a: None).run["prompts"] != before
+    assert plan_job(options, log=lambda *a: None).run["prompts_digest"] != before
 
 
 # -- one line, non-zero exit (item 16) --------------------------------------------------------------------------
@@ -304,7 +311,7 @@ def test_user_errors_are_one_line_and_a_non_zero_exit(tmp_path, tiny_model_dir, 
     common = ["--model", str(tiny_model_dir), "--prompts", rules, "--device", "cpu", "--steps", "2",
               "--mask-samples", "1", "--no-scores"]
 
-    import diffedit.stages.model as model_module
+    import diffedit.stages.sources as model_module
 
     def no_loading(*a, **k):
         raise AssertionError("the model was looked at before --output was checked")
@@ -327,13 +334,27 @@ def test_user_errors_are_one_line_and_a_non_zero_exit(tmp_path, tiny_model_dir, 
 
     import errno
 
-    def full_disk(self, rows):
+    def full_disk(self, name):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(OutputStore, "commit", full_disk)
+        m.setattr(OutputStore, "commit_staged", full_disk)  # the driver's commit (workers stage parts)
         rc, err = run_cli(["run", str(shard), "--output", str(tmp_path / "o3"), *common], capsys)
     assert rc == 2 and "No space left on device" in err and err.count("\n") == 1, err
+
+
+def test_an_actor_that_cannot_start_is_one_line(tmp_path, tiny_model_dir, rules, capsys):
+    """Weights that the driver only fingerprints (it never loads them) but that the actors cannot load: the job
+    ends with one line naming the actor's error, not Ray's traceback of a dead actor."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{not json")
+    shard = write_shard(tmp_path / "a.tar", ["k"])
+    rc, err = run_cli(["run", str(shard), "--output", str(tmp_path / "out"), "--model", str(model), "--prompts",
+                       rules, "--device", "cpu", "--no-scores", "--progress-seconds", "600"], capsys)
+    assert rc == 2 and err.startswith("diffedit run: error: an edit actor could not start: ") and err.count("\n") == 1, err
 
 
 def test_a_read_only_output_is_one_line(tmp_path, tiny_model_dir, rules, capsys, monkeypatch):

@@ -13,10 +13,17 @@ from PIL import Image
 
 from diffedit.manifests.store import OutputStore, ParameterMismatch, schema_version
 from diffedit.pipelines.cli import main as cli_main
-from diffedit.pipelines.job import JobOptions, run_job
+from diffedit.pipelines.config import JobConfig
+from diffedit.pipelines.job import run_job
 
 FAST = dict(steps=4, mask_samples=2)
 RULES = "rules:\n  - from: red\n    to: [blue, green]\n"
+
+
+def config(inputs, output, edit=(), **options) -> JobConfig:
+    """A job's config from flat options, as the command line gives them (edit: flat edit parameters)."""
+    return JobConfig.from_flat(inputs, output, **dict(edit), **options)
+
 
 
 def png(image, fmt="PNG", **kw) -> bytes:
@@ -52,7 +59,7 @@ def job(shards, out, **kw):
     options = dict(inputs=[shards["pattern"]], output=str(out), model=kw.pop("model"), prompts=shards["rules"],
                    edit=dict(FAST), batch_size=4)
     options.update(kw)
-    return run_job(JobOptions(**options), log=lambda *a: None)
+    return run_job(config(**options), log=lambda *a: None)
 
 
 def read(out) -> pd.DataFrame:
@@ -131,8 +138,9 @@ def test_rerun_skips_committed_rows_and_changed_parameters_are_refused(first, sh
     summary = job(shards, out, model=str(tiny_model_dir))
     assert summary["new_rows"] == 0 and summary["total_by_status"] == {"ok": 42, "skipped": 3}
     assert {p: p.stat().st_mtime_ns for p in (Path(out) / "manifest").glob("part-*.parquet")} == parts
-    with pytest.raises(ParameterMismatch, match="steps"):
-        job(shards, out, model=str(tiny_model_dir), edit=dict(FAST, steps=5))
+    with pytest.raises(ParameterMismatch) as refused:  # only what changed is named
+        job(shards, out, model=str(tiny_model_dir), edit=dict(FAST, steps=5), batch_size=2)
+    assert f"(steps: {FAST['steps']} -> 5)" in str(refused.value)
 
 
 def test_rerun_of_a_completed_glob_picks_up_new_shards(shards, tiny_model_dir, tmp_path):
@@ -165,7 +173,7 @@ def test_resume_after_sigkill(shards, tiny_model_dir, tmp_path, kill_part_way):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "diffedit.pipelines.cli", "run", shards["pattern"], "--output", str(out),
            "--model", str(tiny_model_dir), "--prompts", shards["rules"], "--steps", "4", "--mask-samples", "2",
-           "--batch-size", "2", "--rows-per-part", "2"]
+           "--batch-size", "2"]
     kill_part_way(cmd, out, parts=2)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "manifest").glob("part-*.parquet")}
     committed = len(read(out)) if before else 0
@@ -234,7 +242,7 @@ def test_bad_inputs_never_stop_the_job(tiny_model_dir, tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "out"
-    summary = run_job(JobOptions(inputs=[str(folder / "*.tar")], output=str(out), model=str(tiny_model_dir),
+    summary = run_job(config(inputs=[str(folder / "*.tar")], output=str(out), model=str(tiny_model_dir),
                                  prompts=str(folder / "rules.yaml"), edit=dict(FAST), batch_size=4,
                                  max_pixels=4_000_000), log=lambda *a: None)
     df = read(out)
@@ -259,7 +267,7 @@ def test_bad_inputs_never_stop_the_job(tiny_model_dir, tmp_path):
     assert Image.open(io.BytesIO(ok.loc["ok-1x1"].mask_png)).size == (1, 1)
 
 
-def test_actor_calls_in_flight_share_the_model_one_batch_at_a_time(tiny_model_dir):
+def test_actor_calls_in_flight_share_the_model_one_batch_at_a_time(tiny_model_dir, tmp_path):
     """The job keeps two calls in flight per actor (threads): one batch's CPU work overlaps another's model work.
     The model still sees one batch at a time, and each call returns the rows it returns alone."""
     import threading
@@ -267,12 +275,25 @@ def test_actor_calls_in_flight_share_the_model_one_batch_at_a_time(tiny_model_di
 
     import pyarrow as pa
 
-    from diffedit.pipelines.actor import CALLS_IN_FLIGHT, ActorOptions, EditActor, ExpandOptions, expand_sample
+    import pyarrow.parquet as pq
+
+    from diffedit.manifests.store import OutputStore
+    from diffedit.pipelines.actor import EditActor, ExpandOptions, expand_sample
+    from diffedit.pipelines.config import CALLS_IN_FLIGHT, EngineConfig, OutputConfig, SamplingConfig
     from diffedit.pipelines.prompts import PromptSpec
+    from diffedit.stages.config import EditConfig
 
     assert CALLS_IN_FLIGHT == 2
-    actor = EditActor(ActorOptions(model=str(tiny_model_dir), device="cpu", dtype="fp32", edit=dict(FAST)))
-    options = ExpandOptions(PromptSpec.from_dict({"rules": [{"from": "red", "to": "blue"}]}), "txt", seed=0)
+    store = OutputStore(tmp_path / "out")
+    store.parts.mkdir(parents=True)
+    actor = EditActor(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="fp32"), EditConfig.from_flat(FAST),
+                      scores=None, output=OutputConfig(), sampling=SamplingConfig(), max_pixels=10**6,
+                      output_dir=str(store.out))
+    options = ExpandOptions(PromptSpec.from_dict({"rules": [{"from": "red", "to": "blue"}]}), "txt", SamplingConfig())
+
+    def call(table: pa.Table) -> list[dict]:  # the rows of the part that one call staged
+        (account,) = actor(table).to_pylist()
+        return pq.read_table(store.parts / account["part"]).to_pylist()
 
     def batch(first: int) -> pa.Table:
         rows = []
@@ -295,9 +316,9 @@ def test_actor_calls_in_flight_share_the_model_one_batch_at_a_time(tiny_model_di
             inside[0] -= 1
 
     actor.model.predict = watched
-    alone = [actor(batch(0)).to_pylist(), actor(batch(2)).to_pylist()]
+    alone = [call(batch(0)), call(batch(2))]
     together = [None, None]
-    threads = [threading.Thread(target=lambda j=j: together.__setitem__(j, actor(batch(2 * j)).to_pylist()))
+    threads = [threading.Thread(target=lambda j=j: together.__setitem__(j, call(batch(2 * j))))
                for j in range(2)]
     for t in threads:
         t.start()

@@ -31,8 +31,13 @@ def rows(n, start=0):
     return out
 
 
-RUN = dict(edit={"steps": 4}, seed=0, model_fingerprint="abc", image_format="png", prompts="default",
-           caption_field="txt", save_latents=False, resolution=32, scores=None)
+IDENTITY = dict(steps=4, seed=0, model_fingerprint="abc", image_format="png", prompts_digest="default",
+                caption_field="txt", save_latents=False, resolution=32, scorers=None)
+RUN = dict(schema_version=SCHEMA_VERSION, identity=IDENTITY)
+
+
+def reseeded(seed: int) -> dict:
+    return {**RUN, "identity": {**IDENTITY, "seed": seed}}
 
 
 def test_parts_are_atomic_and_committed_set_is_their_union(tmp_path):
@@ -57,10 +62,41 @@ def test_changed_parameters_are_refused_unless_overwrite(tmp_path):
     store.begin(RUN)
     store.commit(rows(2))
     with pytest.raises(ParameterMismatch, match="seed: 0 -> 1.*--overwrite"):
-        store.begin({**RUN, "seed": 1})
+        store.begin(reseeded(1))
     assert len(store.committed_ids()) == 2
-    store.begin({**RUN, "seed": 1}, overwrite=True)
-    assert store.committed_ids() == set() and store.read_run()["seed"] == 1
+    store.begin(reseeded(1), overwrite=True)
+    assert store.committed_ids() == set() and store.read_run()["identity"]["seed"] == 1
+
+
+def test_the_refusal_names_only_what_changed(tmp_path):
+    store = OutputStore(tmp_path)
+    store.begin({**RUN, "identity": {**IDENTITY, "guidance": 7.5}})
+    with pytest.raises(ParameterMismatch) as refused:
+        store.begin({**RUN, "identity": {**IDENTITY, "guidance": 5.0, "image_format": "jpeg"}})
+    detail = str(refused.value).split("(", 1)[1].split(")")[0]
+    assert detail == "guidance: 7.5 -> 5.0; image_format: 'png' -> 'jpeg'"
+    store.run_json.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "edit": {"steps": 4}}))  # older record
+    with pytest.raises(ParameterMismatch, match="older version of diffedit.*--overwrite"):
+        store.begin(RUN)
+
+
+def test_staged_parts_are_invisible_until_committed_and_removed_if_never_committed(tmp_path):
+    """Workers stage parts; the driver commits one by renaming it; a part staged but never committed (a killed
+    driver, a task Ray ran twice) is removed when a run begins or ends, and no reader ever sees it."""
+    store = OutputStore(tmp_path)
+    store.begin(RUN)
+    kept, lost = store.stage(rows(2)), store.stage(rows(3, start=2))
+    assert store.committed_ids() == set() and len(pd.read_parquet(store.parts)) == 0 == store.read().num_rows
+    part = store.commit_staged(kept)
+    assert part.name.startswith("part-") and not (store.parts / kept).exists()
+    assert store.committed_ids() == {r["edit_id"] for r in rows(2)} and len(pd.read_parquet(store.parts)) == 2
+    with pytest.raises(ValueError, match="not a staged part"):
+        store.commit_staged("../run.json")
+    store.finish({})
+    assert not (store.parts / lost).exists() and len(store.part_files()) == 1
+    lost = store.stage(rows(1, start=9))
+    store.begin(RUN)
+    assert not (store.parts / lost).exists() and len(store.part_files()) == 1
 
 
 def test_a_manifest_of_another_schema_version_is_refused_by_name(tmp_path):
