@@ -179,6 +179,82 @@ def test_rayjob_runs_diffedit_on_the_raycluster():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# --output is one folder that every node sees at the same path (the actors write parts, the driver renames)
+
+
+def under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def pod_output_mount(pod: dict, output: str) -> tuple[str, str, dict] | None:
+    """(mountPath, claimName, the mount) of the PVC volume that holds `output` in this pod's first container."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+    mounts = [m for m in pod["containers"][0].get("volumeMounts", [])
+              if m["name"] in claims and under(output, m["mountPath"])]
+    if not mounts:
+        return None
+    m = max(mounts, key=lambda m: len(m["mountPath"]))
+    return m["mountPath"], claims[m["name"]], m
+
+
+def markdown_yaml_docs() -> list[dict]:
+    docs = []
+    for md in sorted(CLUSTER.glob("*.md")):
+        for block in re.findall(r"```ya?ml\n(.*?)```", md.read_text(), flags=re.S):
+            docs += [d for d in yaml.safe_load_all(block) if isinstance(d, dict)]
+    return docs
+
+
+def test_kuberay_output_volume_is_mounted_on_the_head_and_every_worker_at_the_same_path():
+    """The RayJob's --output is on a PVC that the head and every worker group mount at the same path,
+    writable (each edit actor writes its parts there); a PVC of that name written in cluster/ is ReadWriteMany."""
+    (job,) = kuberay("RayJob")
+    (rc,) = kuberay("RayCluster")
+    (output,) = option_values(shlex.split(job["spec"]["entrypoint"]), "--output")
+    head = pod_output_mount(rc["spec"]["headGroupSpec"]["template"]["spec"], output)
+    assert head, f"the head pod mounts no volume that holds --output {output}"
+    path, claim, mount = head
+    assert not mount.get("readOnly"), "the head mounts the output volume read-only"
+    for group in rc["spec"]["workerGroupSpecs"]:
+        worker = pod_output_mount(group["template"]["spec"], output)
+        assert worker, f"worker group {group['groupName']} does not mount the output volume ({claim}) at {path}"
+        assert worker[:2] == (path, claim), f"worker group {group['groupName']}: {worker[:2]}, head: {(path, claim)}"
+        assert not worker[2].get("readOnly"), f"worker group {group['groupName']} mounts the output read-only"
+    pvcs = [d for d in all_docs() + markdown_yaml_docs()
+            if d.get("kind") == "PersistentVolumeClaim" and d.get("metadata", {}).get("name") == claim]
+    for pvc in pvcs:
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], pvc["spec"]["accessModes"]
+
+
+def nfs_mount_points(commands: list[str]) -> list[str]:
+    """The mount points of `mount -t nfs|nfs4|efs ... POINT` in shell commands."""
+    points = []
+    for command in commands:
+        for piece in re.split(r"\|\||&&|;", command):
+            tokens = shlex.split(piece)
+            if "mount" in tokens:
+                rest = tokens[tokens.index("mount") + 1:]
+                if "-t" in rest and rest[rest.index("-t") + 1] in {"nfs", "nfs4", "efs"}:
+                    points.append(rest[-1])
+    return points
+
+
+def test_cluster_launcher_mounts_the_output_on_every_node():
+    """aws.yaml mounts a network filesystem in setup_commands (run on the head and on every worker), and the
+    README's `diffedit run` commands (the launcher's) put --output under that mount point."""
+    (cfg,) = launcher_configs()
+    points = nfs_mount_points(cfg["setup_commands"])
+    assert points, "setup_commands mount no shared filesystem (mount -t nfs4) for --output"
+    assert not nfs_mount_points(cfg.get("head_setup_commands") or []), "mount it on every node, not the head only"
+    readme = [argv for where, argv in diffedit_run_commands() if where == "README.md"]
+    assert readme, "no `diffedit run` command in cluster/README.md"
+    for argv in readme:
+        (output,) = option_values(argv, "--output") or option_values(argv, "-o")
+        assert any(under(output, p) for p in points), f"README.md: --output {output} is not under {points}"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Versions and names agree with pyproject.toml
 
 
@@ -284,9 +360,9 @@ def option_values(argv: list[str], option: str) -> list[str]:
 
 @pytest.mark.parametrize("where_argv", diffedit_run_commands(), ids=lambda c: f"{c[0]}:{' '.join(c[1])[:40]}")
 def test_cluster_commands_fit_a_cluster(where_argv):
-    """--output is an absolute local path: the driver commits the manifest with local renames
-    (manifests/store.py has no s3:// writer), and a relative path would land in the job's temporary
-    working directory, lost to a rerun. --num-gpus is given: both clusters start with no GPU node, and
+    """--output is an absolute path on a mounted filesystem: the actors write parts there and the driver
+    commits them by renaming (manifests/store.py refuses s3://), and a relative path would land in the job's
+    temporary working directory, lost to a rerun. --num-gpus is given: both clusters start with no GPU node, and
     without it the job sizes its pool from the GPUs present at start (none)."""
     where, argv = where_argv
     (output,) = option_values(argv, "--output") or option_values(argv, "-o")
