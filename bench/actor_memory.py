@@ -5,6 +5,8 @@ photograph (scikit-image's astronaut) upscaled to the size asked, and prints the
 size before and after the call. Each size runs in a fresh process, so peaks do not mix:
 
     python bench/actor_memory.py --size 4000x3000 --device cpu
+
+Prints one JSON line per size and writes them all to actor_memory_<device>.json under --out.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import json
 import resource
 import subprocess
 import sys
-import time
+
+from harness import add_out_argument, result_path, timed, write_result
 
 
 def peak_rss_mb() -> float:
@@ -23,27 +26,39 @@ def peak_rss_mb() -> float:
 
 
 def one(size: tuple[int, int], device: str) -> dict:
-    import numpy as np
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from PIL import Image
     from skimage import data
 
-    from diffedit.manifests.schema import empty_row
-    from diffedit.pipelines.actor import ActorOptions, EditActor
+    from diffedit.manifests.store import OutputStore
+    from diffedit.pipelines.actor import EditActor, ExpandOptions, expand_sample
+    from diffedit.pipelines.config import EngineConfig, OutputConfig, SamplingConfig
+    from diffedit.pipelines.prompts import PromptSpec
+    from diffedit.stages.config import EditConfig, ScoreConfig
     from diffedit.stages.editor import SHIPPED_MODEL
 
     photo = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     photo.save(buf, "JPEG", quality=92) if max(size) <= 65_500 else photo.save(buf, "PNG")  # JPEG's side limit
-    actor = EditActor(ActorOptions(model=str(SHIPPED_MODEL), device=device, scores={}, max_pixels=64_000_000))
+    store = OutputStore(Path(tempfile.mkdtemp(prefix="actor_memory-")))
+    store.parts.mkdir(parents=True)  # the actor stages its part there
+    max_pixels = 64_000_000
+    actor = EditActor(engine=EngineConfig(model=str(SHIPPED_MODEL), device=device), edit=EditConfig(),
+                      scores=ScoreConfig(), output=OutputConfig(), sampling=SamplingConfig(), max_pixels=max_pixels,
+                      output_dir=str(store.out))
     loaded = peak_rss_mb()
-    row = empty_row(key="photo", shard="bench.tar", edit_index=0, status="pending", seed=0, edit_id="x",
-                    source_prompt="a red circle", target_prompt="a blue circle", _image=buf.getvalue(), _mask=None)
-    import pyarrow as pa
-
-    t0 = time.time()
-    out = actor(pa.Table.from_pylist([row])).to_pylist()[0]
+    # The job's own expansion of a sample into its pending edit (the default rules: red -> blue).
+    sample = dict(key="photo", shard="bench.tar", image=buf.getvalue(), caption="a red circle", label=None, mask=None,
+                  error=None)
+    rows = expand_sample(sample, ExpandOptions(PromptSpec.default(), "txt", SamplingConfig()), frozenset())
+    call = timed(lambda: actor(pa.Table.from_pylist(rows)).to_pylist()[0], warmup=0)
+    out = pq.read_table(store.parts / call.result["part"], columns=["status", "error"]).to_pylist()[0]
     return dict(size=f"{size[0]}x{size[1]}", megapixels=round(size[0] * size[1] / 1e6, 1), status=out["status"],
-                error=out["error"], seconds=round(time.time() - t0, 1), peak_rss_after_loading_mb=round(loaded),
+                error=out["error"], seconds=round(call.steady_s, 1), peak_rss_after_loading_mb=round(loaded),
                 peak_rss_mb=round(peak_rss_mb()), image_bytes=len(buf.getvalue()), device=device)
 
 
@@ -52,16 +67,22 @@ def main() -> None:
     p.add_argument("--size", action="append", help="WxH (repeatable; default 1000x1000, 2000x2000, 4000x3000)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_out_argument(p)
     args = p.parse_args()
     sizes = args.size or ["1000x1000", "2000x2000", "4000x3000"]
     if args.child:
         w, h = map(int, sizes[0].split("x"))
         print(json.dumps(one((w, h), args.device)))
         return
+    rows = []
     for s in sizes:
         proc = subprocess.run([sys.executable, __file__, "--child", "--size", s, "--device", args.device],
                               capture_output=True, text=True)
-        print(proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else f"{s}: failed: {proc.stderr[-2000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else dict(
+            size=s, error=f"failed: {proc.stderr[-2000:]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_result(result_path("actor_memory", args.out, args.device), args.device, rows=rows)
 
 
 if __name__ == "__main__":

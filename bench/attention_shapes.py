@@ -1,6 +1,6 @@
 """How fast is SD 1.5's attention, shape by shape, per kernel? And what does its head size of 40 cost?
 
-    bash bench/on_gpu.sh python3 bench/attention_shapes.py --out $OUT [--batch 64] [--dtype fp16]
+    bash bench/on_gpu.sh python3 bench/attention_shapes.py [--out bench/results] [--batch 64] [--dtype fp16]
         [--backends flash,cudnn,efficient,default]
 
 The profile of docs/BENCHMARKS.md puts a quarter of an edit's GPU time in attention, at a third of the matmul
@@ -12,7 +12,7 @@ mean the kernel already pays for the padding. ``default`` is PyTorch's own choic
 the engine's ``attention=None`` gets it; its row names the GPU kernel that ran. Rates count the useful work only,
 4 x queries x keys x head size FLOPs per head (QK^T and PV). Each kernel's error against float32 attention is
 reported at the true head size (largest, and relative in norm), with a count of output elements it left unwritten
-(NaN). Seconds-long; prints a table and writes attention_shapes.json under --out.
+(NaN). Seconds-long; prints a table and writes attention_shapes_<device>.json under --out.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from pathlib import Path
 
 import torch
+
+from harness import add_out_argument, result_path, timed, write_result
 
 # (layer, queries, keys, head size) of SD 1.5's attention layers; 8 heads each (attention_head_dim 8).
 SHAPES = [("self 64x64", 4096, 4096, 40), ("self 32x32", 1024, 1024, 80), ("self 16x16", 256, 256, 160),
@@ -31,21 +32,6 @@ SHAPES = [("self 64x64", 4096, 4096, 40), ("self 32x32", 1024, 1024, 80), ("self
 HEADS = 8
 PADDED = {40: 64, 80: 128, 160: 192}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def time_ms(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeats`` calls, timed with CUDA events after a warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def check(call, ref, q) -> dict:
@@ -81,14 +67,13 @@ def projections(batch: int, queries: int, keys: int, size: int, dtype, generator
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    add_out_argument(p)
     p.add_argument("--batch", type=int, default=64, help="images per call (the engine's UNet batch)")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES))
     p.add_argument("--backends", default="flash,cudnn,efficient,default",
                    help="SDPA's backends by name, and `default` (PyTorch's own choice)")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -113,7 +98,7 @@ def main(argv=None):
                     with kernel:
                         if size == head:
                             row.update(check(call, ref, qs))
-                        ms = time_ms(call, args.repeats)
+                        ms = timed(call, "cuda", warmup=3, repeats=args.repeats).steady_s * 1e3
                         if backend == "default":
                             row.update(kernel=gpu_kernel(call))
                     row.update(ms=ms, useful_tflops=useful / ms / 1e9)
@@ -121,9 +106,8 @@ def main(argv=None):
                     row.update(error=str(exc).splitlines()[0][:160])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    (args.out / "attention_shapes.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
-                                                                    torch=torch.__version__, batch=args.batch,
-                                                                    dtype=args.dtype, rows=rows), indent=1))
+    write_result(result_path("attention_shapes", args.out, "cuda"), "cuda", batch=args.batch, dtype=args.dtype,
+                 rows=rows)
     print(f"\nbatch {args.batch}, {HEADS} heads, {args.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("\n| layer | queries | keys | head | run at | backend | ms | useful TFLOP/s | error: max / relative |\n"
           "|---|---|---|---|---|---|---|---|---|")

@@ -10,7 +10,7 @@ ViT-L/14 text encoder) with random weights and times, in one run:
 For each: edits/s, FLOPs per edit (torch.utils.flop_counter), share of the FLOP floor (FLOPs over the
 measured fp16 matmul rate), peak GPU memory, compile time.
 
-    WHEELS=.whl-bench bash bench/on_gpu.sh python3 bench/bench_gpu.py --out $OUT --compile --skip-eager \
+    bash bench/on_gpu.sh python3 bench/bench_gpu.py --compile --skip-eager \
         --our-sizes 32 --compiled-variants per-row,shared,vae,qkv
     python bench/bench_gpu.py --tiny --out /tmp/b --diffusers-sizes 1,2 --our-sizes 2    # a smoke run on CPU
 
@@ -18,81 +18,30 @@ With ``--compile``, the engine is compiled (the UNet: ``DiffEditModel.compile(va
 each of ``--compiled-variants`` in turn, applied cumulatively (default: the UNet's prompt-independent first layers
 per row, then shared as the engine does, then the VAE compiled too, which is the engine's ``compile()``); (d)
 after the last one only, unless ``--paper-variants all``. ``--profile`` then breaks one (b) call down by phase and
-by GPU kernel family. docs/BENCHMARKS.md's table came from the first line (516 s on one H200).
+by GPU kernel family. Writes bench_gpu_<device>.json and .md (and bench_gpu_profile_<device>.json) under --out;
+docs/BENCHMARKS.md's first table came from the first command (516 s on one H200).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from harness import (SOURCE, TARGET, add_out_argument, build_model, diffusers_pipeline, environment, kernel_breakdown,
+                     result_path, timed, write_result)
+
 from diffedit.stages.config import EditConfig
 from diffedit.stages.editor import edit_batch
 from diffedit.stages.images import images_to_tensor
-from diffedit.stages.model import DiffEditModel
+from diffedit.stages.model import DTYPES, DiffEditModel
 from diffedit.stages.randomness import edit_seed
-from diffedit.stages.tiny import write_clip_tokenizer
-
-SOURCE = "a photo of a dog sitting on a red sofa in a living room"
-TARGET = "a photo of a cat sitting on a red sofa in a living room"
-
-
-def build_sd15(device, dtype, tiny: bool, workdir: Path):
-    """SD 1.5's architecture with random weights (or a tiny stand-in for a CPU smoke run)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(workdir / "tokenizer", SOURCE.split() + TARGET.split()))
-    torch.manual_seed(0)
-    if tiny:
-        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=16,
-                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, norm_num_groups=4)
-        vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16)
-        text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                              num_attention_heads=2, max_position_embeddings=77)
-    else:
-        # diffusers' UNet2DConditionModel defaults are SD 1.x's: block_out_channels (320, 640, 1280, 1280),
-        # 2 layers per block, attention_head_dim 8; SD 1.5 uses cross_attention_dim 768, sample_size 64.
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-        # SD's VAE: 128/256/512/512 channels, 2 layers per block, 4 latent channels, scaling 0.18215.
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512, scaling_factor=0.18215)
-        # CLIP ViT-L/14's text tower.
-        text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-    text.bos_token_id, text.eos_token_id, text.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    text_encoder = CLIPTextModel(text)
-    scheduler_config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                            clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    for module in (unet, vae, text_encoder):
-        module.to(device, dtype).eval().requires_grad_(False)
-    return DiffEditModel(unet, vae, text_encoder, tokenizer, scheduler_config, "sd15-random", device, dtype)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device):
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 def matmul_rate(device, dtype) -> float | None:
@@ -101,27 +50,7 @@ def matmul_rate(device, dtype) -> float | None:
         return None
     a = torch.randn(8192, 8192, device=device, dtype=dtype)
     b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    sync(device)
-    return 20 * 2 * 8192**3 / (time.perf_counter() - t)
-
-
-def diffusers_pipe(model: DiffEditModel):
-    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
-
-    pipe = StableDiffusionDiffEditPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=DDIMScheduler.from_config(model.scheduler_config),
-        inverse_scheduler=DDIMInverseScheduler.from_config(model.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return 2 * 8192**3 / timed(lambda: a @ b, device, warmup=3, repeats=20).steady_s
 
 
 def run_diffusers(pipe, images):
@@ -132,10 +61,10 @@ def run_diffusers(pipe, images):
     return pipe(prompt=[TARGET] * n, mask_image=mask, image_latents=inv, output_type="pt").images
 
 
-def run_ours(model, x, config, max_batch):
+def run_ours(model, x, config):
     n = x.shape[0]
     seeds = [edit_seed(0, f"img{i}", 0) for i in range(n)]
-    return edit_batch(model, x, [SOURCE] * n, [TARGET] * n, seeds, config, max_batch=max_batch).edited_BCHW
+    return edit_batch(model, x, [SOURCE] * n, [TARGET] * n, seeds, config).edited_BCHW
 
 
 def count_flops(fn) -> float:
@@ -146,48 +75,27 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def timed(device, fn, repeats: int = 1) -> tuple[float, float]:
-    """(first call seconds, median steady seconds over ``repeats`` further calls)."""
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return first, float(np.median(times)) if times else first
-
-
 def phase_profile(model, fn, device) -> dict:
     """Where one call of ``fn`` spends its time: synced wall time per model method, GPU kernel time by family."""
-    from unet_variants import kernel_breakdown  # bench/ is on sys.path when this script runs
-
     spent, calls = {}, {}
     originals = {name: getattr(model, name) for name in ("predict", "encode_images", "decode_latents", "encode_text")}
 
     def timed_method(name, method):
         def wrapper(*a, **k):
-            sync(device)
-            t = time.perf_counter()
-            out = method(*a, **k)
-            sync(device)
-            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+            t = timed(lambda: method(*a, **k), device, warmup=0)
+            spent[name] = spent.get(name, 0.0) + t.steady_s
             calls[name] = calls.get(name, 0) + 1
-            return out
+            return t.result
         return wrapper
 
     for name, method in originals.items():
         setattr(model, name, timed_method(name, method))
     try:
-        total, _ = timed(device, fn, repeats=0)
+        total = timed(fn, device, warmup=0).steady_s
     finally:
         for name in originals:
             delattr(model, name)  # back to the class's bound methods
-    unsynced, _ = timed(device, fn, repeats=0)
+    unsynced = timed(fn, device, warmup=0).steady_s
     kernels = kernel_breakdown(fn, repeats=1)
     return dict(wall_s=unsynced, wall_synced_s=total, gpu_kernel_s=kernels["gpu_ms"] / 1e3,
                 phases_s={k: round(v, 3) for k, v in spent.items()}, calls=calls,
@@ -235,9 +143,9 @@ def variant_label(applied: list[str]) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tiny", action="store_true", help="tiny stand-in models (CPU smoke run)")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    add_out_argument(p)
+    p.add_argument("--tiny", action="store_true", help="the tiny model instead of SD 1.5 (CPU smoke run)")
+    p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="on the GPU (fp32 on the CPU)")
     p.add_argument("--diffusers-sizes", default="1,4,8,12")
     p.add_argument("--our-sizes", default="8,16,32")
     p.add_argument("--max-batch", type=int, default=64, help="our UNet micro-batch cap (bounds peak memory)")
@@ -252,10 +160,10 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="after the timings, break one (b) call at the largest size down: time per phase, GPU kernels")
     args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype if device.type == "cuda" else "fp32"]
-    model = build_sd15(device, dtype, args.tiny, args.out / "work")
+    dtype = DTYPES[args.dtype if device.type == "cuda" else "fp32"]
+    workdir = Path(tempfile.mkdtemp(prefix="bench_gpu-"))
+    model = build_model("tiny" if args.tiny else "sd15", device, dtype, workdir, max_batch=args.max_batch)
     res = model.resolution
     rng = np.random.default_rng(0)
     max_n = max(int(s) for s in (args.diffusers_sizes + "," + args.our_sizes).split(","))
@@ -265,78 +173,68 @@ def main(argv=None):
     same_work = EditConfig.from_flat(conditional_encoding=True, encode_guidance=7.5)
     paper = EditConfig()
     rows = []
-    env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               torch=torch.__version__, python=platform.python_version(), dtype=str(dtype),
-               matmul_tflops=rate / 1e12 if rate else None)
-    try:
-        import diffusers
+    setup = dict(dtype=str(dtype), matmul_tflops=rate / 1e12 if rate else None, max_batch=args.max_batch)
+    print(json.dumps(dict(environment(device), **setup)), flush=True)
 
-        env["diffusers"] = diffusers.__version__
-    except ImportError:
-        pass
-    print(json.dumps(env), flush=True)
-
-    def record(name, n, first, steady, flops_per_edit, mem, compile_s=None):
-        eps = n / steady
+    def record(name, n, timing, flops_per_edit, compile_s=None):
+        eps = n / timing.steady_s
         floor_s = flops_per_edit / rate if rate else None
-        row = dict(variant=name, images_per_call=n, seconds=steady, edits_per_s=eps, first_call_s=first,
-                   tflop_per_edit=flops_per_edit / 1e12, floor_share=(floor_s * eps) if floor_s else None,
-                   peak_gib=mem, compile_s=compile_s)
+        row = dict(variant=name, images_per_call=n, seconds=timing.steady_s, edits_per_s=eps,
+                   first_call_s=timing.first_s, tflop_per_edit=flops_per_edit / 1e12,
+                   floor_share=(floor_s * eps) if floor_s else None, peak_gib=timing.peak_gib, compile_s=compile_s)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (args.out / "bench_gpu.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
-        write_table(args.out, env, rows, echo=False)
+        write_result(result_path("bench_gpu", args.out, device), device, **setup, rows=rows)
+        write_table(result_path("bench_gpu", args.out, device, suffix=".md"), device, setup, rows, echo=False)
 
     with torch.no_grad():
         flops = {}  # (config name, prefix shared): FLOPs of one edit; sharing the prefix does less work
         for share in (True, False):
             model.share_prefix = share
             for config, key in ((same_work, "b"), (paper, "d")):
-                flops[key, share] = count_flops(lambda: run_ours(model, x_all[:1], config, args.max_batch))
+                flops[key, share] = count_flops(lambda: run_ours(model, x_all[:1], config))
         model.share_prefix = True
         print(json.dumps({f"tflop_per_edit_{k}_{'shared' if sh else 'per_row'}": v / 1e12 for (k, sh), v in flops.items()}))
         if not args.skip_diffusers:
-            pipe = diffusers_pipe(model)
+            pipe = diffusers_pipeline(model)
             flops_diff = count_flops(lambda: run_diffusers(pipe, pil[:1]))
             for n in [int(s) for s in args.diffusers_sizes.split(",")]:
-                peak_reset(device)
-                first, steady = timed(device, lambda: run_diffusers(pipe, pil[:n]), repeats=2 if n == 1 else 1)
-                record("(a) diffusers DiffEdit pipeline", n, first, steady, flops_diff, peak_gib(device))
+                timing = timed(lambda: run_diffusers(pipe, pil[:n]), device, repeats=2 if n == 1 else 1)
+                record("(a) diffusers DiffEdit pipeline", n, timing, flops_diff)
         ours = ((same_work, "(b) ours, same work", "b"), (paper, "(d) ours, paper defaults", "d"))
         for config, name, key in ours:
             for n in [] if args.skip_eager else [int(s) for s in args.our_sizes.split(",")]:
-                peak_reset(device)
-                first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
-                record(name, n, first, steady, flops[key, True], peak_gib(device))
+                record(name, n, timed(lambda: run_ours(model, x_all[:n], config), device), flops[key, True])
+        applied = []
         if args.compile:
             model.compile(vae=False)  # the engine's own path (DiffEditModel.compile, static shapes); the VAE: variant 'vae'
             n = max(int(s) for s in args.our_sizes.split(","))
             variants = args.compiled_variants.split(",") if args.compiled_variants else []
-            applied = []
             for i, variant in enumerate(variants or [None]):
                 if variant:
                     apply_variant(model, variant, device)
                     applied.append(variant)
                 last = i == len(variants) - 1 or not variants
                 for config, name, key in ours if last or args.paper_variants == "all" else ours[:1]:
-                    peak_reset(device)
-                    first, steady = timed(device, lambda: run_ours(model, x_all[:n], config, args.max_batch), repeats=1)
-                    extra = first - steady  # compilation (or cuDNN's autotuning) on the first call
-                    record(f"{name}, {variant_label(applied)}", n, first, steady, flops[key, model.share_prefix],
-                           peak_gib(device), compile_s=extra if extra > 1 else None)
+                    timing = timed(lambda: run_ours(model, x_all[:n], config), device)
+                    extra = timing.first_s - timing.steady_s  # compilation (or cuDNN's autotuning) on the first call
+                    record(f"{name}, {variant_label(applied)}", n, timing, flops[key, model.share_prefix],
+                           compile_s=extra if extra > 1 else None)
         if args.profile and device.type == "cuda":
             n = max(int(s) for s in args.our_sizes.split(","))
-            prof = phase_profile(model, lambda: run_ours(model, x_all[:n], same_work, args.max_batch), device)
+            prof = phase_profile(model, lambda: run_ours(model, x_all[:n], same_work), device)
             prof.update(variant="(b) ours, same work" + (f", {variant_label(applied)}" if args.compile else ""),
                         images_per_call=n)
             print(json.dumps(prof), flush=True)
-            (args.out / "bench_gpu_profile.json").write_text(json.dumps(prof, indent=1))
-    write_table(args.out, env, rows)
+            write_result(result_path("bench_gpu_profile", args.out, device), device, **prof)
+    write_table(result_path("bench_gpu", args.out, device, suffix=".md"), device, setup, rows)
 
 
-def write_table(out: Path, env: dict, rows: list[dict], echo: bool = True):
-    lines = [f"device: {env['device']}; torch {env['torch']}; diffusers {env.get('diffusers')}; {env['dtype']}; "
-             f"measured matmul rate {env['matmul_tflops'] and round(env['matmul_tflops'])} TFLOP/s", "",
+def write_table(path: Path, device, setup: dict, rows: list[dict], echo: bool = True):
+    env = environment(device)
+    lines = [f"device: {env['device']}; torch {env['packages']['torch']}; diffusers {env['packages'].get('diffusers')}; "
+             f"{setup['dtype']}; measured matmul rate {setup['matmul_tflops'] and round(setup['matmul_tflops'])} TFLOP/s",
+             f"command: {env['command']}", "",
              "| variant | images/call | edits/s | TFLOP/edit | share of FLOP floor | peak GiB | compile s |",
              "|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -347,7 +245,7 @@ def write_table(out: Path, env: dict, rows: list[dict], echo: bool = True):
     b = max((r["edits_per_s"] for r in rows if r["variant"].startswith("(b)")), default=None)
     if a and b:
         lines += ["", f"speedup: {b / a:.1f}x ((b) best over (a) best: {b:.2f} / {a:.2f} edits/s)"]
-    (out / "bench_gpu.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
     if echo:
         print("\n".join(lines))
 

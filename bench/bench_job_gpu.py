@@ -1,9 +1,9 @@
 """The whole `diffedit run` job on one GPU against the engine in-process, at SD 1.5 scale (issue 6 (c)),
 and the scheduling path of two actors of 0.5 GPU each on the same GPU (issue 8's one-GPU check).
 
-    python bench/bench_job_gpu.py --out $OUT [--images 96] [--batch-size 32]
+    python bench/bench_job_gpu.py [--out bench/results] [--images 96] [--batch-size 32]
 
-SD 1.5's architecture with random weights (see bench_gpu.py) is saved as a diffusers folder and loaded by
+SD 1.5's architecture with random weights (harness.py's model builder) is saved as a diffusers folder and loaded by
 the job's actors like any checkpoint; shards of random 512x512 JPEGs are written with webdataset's writer.
 Paper defaults (unconditional encoding), fp16, scores off (the CLIP would be the shapes one, meaningless here).
 Both the engine and the job run eagerly, or with ``--compile`` both compiled (``DiffEditModel.compile``; the
@@ -13,61 +13,57 @@ Besides wall-clock edits/s (start-up included), each job row reports its steady 
 committed Parquet parts between the first and the last, over the time between the first and the last-but-one
 part's commit (file modification times), i.e. the job once Ray, the actor and the first batch are up.
 
-    python bench/bench_job_gpu.py --out $OUT --images 480 --batch-size 32 --engine-batches 5 --variants c
-    WHEELS=.whl bash bench/on_gpu.sh python3 bench/bench_job_gpu.py --out $OUT --images 448 --batch-size 32 \
-        --engine-batches 3 --variants c --compile
+    python bench/bench_job_gpu.py --images 480 --batch-size 32 --engine-batches 5 --variants c
+    bash bench/on_gpu.sh python3 bench/bench_job_gpu.py --images 448 --batch-size 32 --engine-batches 3 \
+        --variants c --compile
 
 Where scoring should run (issue 5): the variant ``c-scores`` is ``c`` with the scores on, in the edit actor as
 the job does it, with an SD-scale scorer: open_clip's ViT-L-14 and LPIPS' AlexNet with *random* weights saved
 to safetensors files (timing only: their values are meaningless and are not reported). The steady-rate
 difference is what scoring costs the GPU actor, so the most a separate scoring pool could win back.
 
-    python bench/bench_job_gpu.py --out $OUT --images 256 --batch-size 32 --engine-batches 0 --variants c,c-scores
+    python bench/bench_job_gpu.py --images 256 --batch-size 32 --engine-batches 0 --variants c,c-scores
+
+Writes bench_job_gpu_<device>.json under --out, one row per variant as it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench_gpu import SOURCE, TARGET, build_sd15  # noqa: E402  (run from the repo root: python bench/...)
+from harness import SOURCE, TARGET, add_out_argument, model_folder, result_path, timed, write_result, write_shards
+
+from diffedit.stages.config import EditConfig
+from diffedit.stages.editor import edit_batch
+from diffedit.stages.images import images_to_tensor
+from diffedit.stages.model import load_model
+from diffedit.stages.randomness import edit_seed
 
 
-def save_model(folder: Path):
-    from diffusers import DDIMScheduler
-
-    from diffedit.stages.tiny import save_sd_folder
-
-    m = build_sd15(torch.device("cpu"), torch.float16, False, folder / "_work")
-    return save_sd_folder(folder / "sd15", vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-                          scheduler=DDIMScheduler(**m.scheduler_config))
-
-
-def write_shards(folder: Path, images: int, per_shard: int = 16) -> str:
-    import webdataset as wds
-
+def engine_rate(model_dir: Path, batch_size: int, batches: int, compile: bool) -> float:
+    """Edits/s of the engine in-process on one batch size, paper defaults, over ``batches`` batches after a warm-up."""
+    model = load_model(model_dir, device="cuda", dtype="fp16", max_batch=64)
+    if compile:
+        model.compile()
     rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in range((images + per_shard - 1) // per_shard):
-        with wds.TarWriter(str(folder / f"bench-{s:06d}.tar")) as sink:
-            for i in range(min(per_shard, images - s * per_shard)):
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-                sink.write({"__key__": f"{s:06d}-{i:04d}", "jpg": buf.getvalue(), "txt": SOURCE})
-    (folder / "rules.yaml").write_text("rules:\n  - from: dog\n    to: cat\n")
-    return str(folder / "bench-*.tar")
+    pil = [Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)) for _ in range(batch_size)]
+    x = images_to_tensor(pil, 512).to("cuda", torch.float16)
+    seeds = [edit_seed(0, str(i), 0) for i in range(batch_size)]
+    n = batch_size
+    timing = timed(lambda: edit_batch(model, x, [SOURCE] * n, [TARGET] * n, seeds, EditConfig()), "cuda",
+                   repeats=batches)
+    return n / timing.steady_s
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    add_out_argument(p)
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--engine-batches", type=int, default=None,
@@ -75,50 +71,30 @@ def main(argv=None):
     p.add_argument("--variants", default="c,two-gpus,half", help="job variants: c (1 actor x 1 GPU), c-scores (c with "
                    "SD-scale scores), two-gpus (2 actors x 1 GPU, where 2 GPUs exist), half (2 actors x 0.5 GPU on one GPU)")
     p.add_argument("--compile", action="store_true", help="compile the engine and the job's actors (static shapes)")
-    p.add_argument("--rows-per-part", type=int, default=64, help="the job's Parquet part size (finer parts: finer steady rate)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_job"), help="model, shards and job outputs")
     args = p.parse_args(argv)
-    work = Path("/tmp/bench_job")
-    model_dir = save_model(work)
-    pattern = write_shards(work / "shards", args.images)
+    work = args.work
+    model_dir = model_folder("sd15", work)
+    pattern = write_shards(work / "shards", args.images, size=(512, 512), image_format="JPEG", caption=SOURCE,
+                           rule=("dog", "cat"), per_shard=16)
     rows = []
 
     def record(**row):
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (args.out / "bench_job_gpu.json").write_text(json.dumps(rows, indent=1))
+        write_result(result_path("bench_job_gpu", args.out, "cuda"), "cuda", rows=rows)
 
     # (b/d) the engine in-process, same images, same batch size, paper defaults.
-    from diffedit.stages.config import EditConfig
-    from diffedit.stages.editor import edit_batch
-    from diffedit.stages.images import images_to_tensor
-    from diffedit.stages.model import load_model
-    from diffedit.stages.randomness import edit_seed
-
-    model = load_model(model_dir, device="cuda", dtype="fp16")
-    rng = np.random.default_rng(0)
-    pil = [Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)) for _ in range(args.batch_size)]
-    x = images_to_tensor(pil, 512).to("cuda", torch.float16)
-    seeds = [edit_seed(0, str(i), 0) for i in range(args.batch_size)]
-    n = args.batch_size
-    if args.compile:
-        model.compile()
-    warm = x if args.compile else x[:2]  # compiled: the full batch, so that its graphs exist before the timing
-    edit_batch(model, warm, [SOURCE] * len(warm), [TARGET] * len(warm), seeds[: len(warm)], EditConfig(), max_batch=64)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    reps = max(1, args.images // n) if args.engine_batches is None else args.engine_batches
-    for _ in range(reps):
-        edit_batch(model, x, [SOURCE] * n, [TARGET] * n, seeds, EditConfig(), max_batch=64)
-    torch.cuda.synchronize()
-    engine_eps = reps * n / (time.perf_counter() - t) if reps else None
+    reps = max(1, args.images // args.batch_size) if args.engine_batches is None else args.engine_batches
+    engine_eps = engine_rate(model_dir, args.batch_size, reps, args.compile) if reps else None
+    torch.cuda.empty_cache()  # the engine's model is gone: its memory goes back before the job's actors start
     if reps:
         record(variant="(d) engine in-process, paper defaults" + (", compiled" if args.compile else ""),
-               edits_per_s=engine_eps, images=reps * n)
-    del model
-    torch.cuda.empty_cache()
+               edits_per_s=engine_eps, images=reps * args.batch_size)
 
     # (c) the whole job, one actor on the GPU; then two actors of 0.5 GPU each.
-    from diffedit.pipelines.job import JobOptions, run_job
+    from diffedit.pipelines.config import JobConfig
+    from diffedit.pipelines.job import run_job
 
     wanted = set(args.variants.split(","))
     variants = [("(c) diffedit run, 1 actor x 1 GPU", dict(gpus_per_actor=1.0, num_gpus=1))] if "c" in wanted else []
@@ -131,18 +107,17 @@ def main(argv=None):
         variants.append(("issue 8: diffedit run, 2 actors x 0.5 GPU", dict(gpus_per_actor=0.5, num_gpus=2)))
     for i, (name, kw) in enumerate(variants):
         out = work / f"out{i}"
-        t = time.perf_counter()
-        summary = run_job(JobOptions(inputs=[pattern], output=str(out), model=str(model_dir),
-                                     prompts=str(work / "shards" / "rules.yaml"), batch_size=args.batch_size,
-                                     dtype="fp16", overwrite=True, compile=args.compile, rows_per_part=args.rows_per_part,
-                                     **{"scores": False, **kw}))
-        wall = time.perf_counter() - t
+        config = JobConfig.from_flat([pattern], out, model=str(model_dir), prompts=str(work / "shards" / "rules.yaml"),
+                                     batch_size=args.batch_size, dtype="fp16", overwrite=True, compile=args.compile,
+                                     **{"scores": False, **kw})
+        job = timed(lambda: run_job(config), warmup=0)  # the driver's wall clock: the GPUs are the actors'
+        summary, wall = job.result, job.steady_s
         ok = summary["total_by_status"].get("ok", 0)
         steady = steady_rate(out / "manifest")
         record(variant=name + (", compiled" if args.compile else ""), edits=ok, wall_s=wall, edits_per_s=ok / wall, job_summary=summary,
                share_of_engine=(ok / wall) / engine_eps if engine_eps else None, **steady,
                steady_share_of_engine=steady["steady_edits_per_s"] / engine_eps if steady["steady_edits_per_s"] and engine_eps else None,
-               device=torch.cuda.get_device_name(), gpus=torch.cuda.device_count())
+               gpus=torch.cuda.device_count())
 
 
 def random_scorers(work: Path) -> dict:

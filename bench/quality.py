@@ -21,16 +21,16 @@ markdown table. docs/QUALITY.md shows and discusses them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from harness import diffusers_pipeline, timed, write_result
 
 from diffedit.shapes import eval as ev
 from diffedit.stages.config import EditConfig
@@ -70,9 +70,7 @@ def engine(model, edits, config, batch_size, seed=0, masks=None, source_prompts=
 
 def diffusers_reference(model, edits, seed=0):
     """diffusers' StableDiffusionDiffEditPipeline with its defaults on our model, one image per call."""
-    from bench_gpu import diffusers_pipe  # bench/, beside this script
-
-    pipe = diffusers_pipe(model)
+    pipe = diffusers_pipeline(model)
     res = model.resolution
     edited, masks = [], []
     for e in edits:
@@ -175,43 +173,29 @@ def reference_only(n: int, model_path, out: Path) -> int:
     held = ev.heldout_scenes(n)
     edits = ev.heldout_edits(held)
     recon = ev.vae_ceilings(model, held)
-    t0 = time.time()
-    edited, masks = diffusers_reference(model, edits)
-    summary, _ = judged(edits, edited, masks, recon)
-    summary["seconds"] = round(time.time() - t0, 1)
-    (out / f"diffusers_n{n}.json").write_text(json.dumps(summary, indent=1))
+    run = timed(lambda: judged(edits, *diffusers_reference(model, edits), recon)[0], warmup=0)
+    summary = dict(run.result, seconds=round(run.steady_s, 1))
+    write_result(out / f"diffusers_n{n}.json", "cpu", **summary)
     print(json.dumps(summary, indent=1))
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=16, help="held-out one-object scenes (default 16)")
-    p.add_argument("--model", default=None, help="diffusers model folder (default: the shipped shapes model)")
-    p.add_argument("--out", default="docs/quality", help="folder for results.json and the PNGs")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--skip-diffusers", action="store_true")
-    p.add_argument("--reference-only", type=int, metavar="N",
-                   help="only diffusers' pipeline on N scenes (colour and shape edits): OUT/diffusers_nN.json")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.reference_only:
-        return reference_only(args.reference_only, args.model, out)
-    t_start = time.time()
+def measure(args):
+    """Steps 1-3 of the module docstring: (results by variant, the job's summary, the model, the defaults, the
+    edits, and diffusers' edits and masks or None)."""
     results: dict[str, dict] = {}
 
-    def record(name, summary, t0, note=""):
-        results[name] = dict(summary=summary, seconds=round(time.time() - t0, 1), note=note)
+    def record(name, summary, seconds, note=""):
+        results[name] = dict(summary=summary, seconds=round(seconds, 1), note=note)
         s = summary["by_kind"].get("color") or summary["by_kind"].get("identity")
         print(f"{name}: colour {s['color_success']:.0%}, mask IoU {s['mask_iou']:.3f}, psnr_bg4 {s['psnr_bg4']:.2f} "
               f"({results[name]['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
     # 1. Our defaults, through the real job.
-    t0 = time.time()
-    job_summary, job_rows = ev.run_eval(args.n, model=args.model, out=tempfile.mkdtemp(prefix="quality-"),
-                                        device="cpu", log=lambda *a: None)
-    record("ours (job)", job_summary, t0, "the real job, colour and shape edits")
+    job = timed(lambda: ev.run_eval(args.n, model=args.model, out=tempfile.mkdtemp(prefix="quality-"), device="cpu",
+                                    log=lambda *a: None), warmup=0)
+    job_summary, job_rows = job.result
+    record("ours (job)", job_summary, job.steady_s, "the real job, colour and shape edits")
 
     # 2. In-process: the defaults again (colour edits), then the variants.
     model = load_model(args.model or SHIPPED_MODEL, device="cpu", dtype="fp32")
@@ -226,10 +210,14 @@ def main(argv=None) -> int:
         if "ours (in-process)" in results and config == defaults and masks is d_masks and sources is None and these is color_edits:
             results[name] = {**results["ours (in-process)"], "note": "= ours (in-process)"}
             return None
-        t0 = time.time()
-        edited, m, soft = engine(model, these, config, bs, masks=masks, source_prompts=sources)
-        summary, rows = judged(these, edited, m if masks is None else masks, recon)
-        record(name, summary, t0, note)
+
+        def edit_and_judge():
+            edited, m, soft = engine(model, these, config, bs, masks=masks, source_prompts=sources)
+            return edited, m, soft, judged(these, edited, m if masks is None else masks, recon)[0]
+
+        run = timed(edit_and_judge, warmup=0)
+        edited, m, soft, summary = run.result
+        record(name, summary, run.steady_s, note)
         return edited, m, soft
 
     d_masks = None
@@ -259,17 +247,36 @@ def main(argv=None) -> int:
     # 3. diffusers' pipeline with its defaults, colour and shape edits.
     ref_edited = ref_masks = None
     if not args.skip_diffusers:
-        t0 = time.time()
-        ref_edited, ref_masks = diffusers_reference(model, edits)
+        run = timed(lambda: diffusers_reference(model, edits), warmup=0)
+        ref_edited, ref_masks = run.result
         summary, _ = judged(edits, ref_edited, ref_masks, recon)
-        record("diffusers defaults", summary, t0, "StableDiffusionDiffEditPipeline, guidance 7.5 everywhere, its mask")
+        record("diffusers defaults", summary, run.steady_s, "StableDiffusionDiffEditPipeline, guidance 7.5 everywhere, its mask")
+    return results, job_summary, model, defaults, edits, ref_edited, ref_masks
 
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=16, help="held-out one-object scenes (default 16)")
+    p.add_argument("--model", default=None, help="diffusers model folder (default: the shipped shapes model)")
+    p.add_argument("--out", default="docs/quality", help="folder for results.json and the PNGs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--reference-only", type=int, metavar="N",
+                   help="only diffusers' pipeline on N scenes (colour and shape edits): OUT/diffusers_nN.json")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.reference_only:
+        return reference_only(args.reference_only, args.model, out)
+    run = timed(lambda: measure(args), warmup=0)
+    results, job_summary, model, defaults, edits, ref_edited, ref_masks = run.result
+    bs, res = args.batch_size, model.resolution
     results_json = dict(
-        n=args.n, scene_seed=ev.EVAL_SEED, model=str(args.model or SHIPPED_MODEL), model_fingerprint=job_summary["model_fingerprint"],
-        date=datetime.date.today().isoformat(), defaults=defaults.flat(), torch_threads=torch.get_num_threads(),
-        seconds=round(time.time() - t_start, 1), variants=results,
+        n=args.n, scene_seed=ev.EVAL_SEED, model=str(args.model or SHIPPED_MODEL),
+        model_fingerprint=job_summary["model_fingerprint"], defaults=defaults.flat(),
+        torch_threads=torch.get_num_threads(), seconds=round(run.steady_s, 1), variants=results,
     )
-    (out / "results.json").write_text(json.dumps(results_json, indent=1))
+    write_result(out / "results.json", "cpu", **results_json)
 
     # Examples: the first three colour edits and the first three shape edits.
     shown = [e for e in edits if e.kind == "color"][:3] + [e for e in edits if e.kind == "shape"][:3]

@@ -14,7 +14,8 @@ the activations' sizes are real). ``--no-lpips`` leaves it out.
 ``--scores`` scores with another copy of ``stages/scores.py`` (imported as a module of ``diffedit.stages``),
 e.g. the code before the change, saved to /tmp. A child whose RSS passes ``--cap-gb`` is stopped (and its
 address space is capped a few GB above that), so a runaway peak cannot take the machine down: its line then
-says "over the cap".
+says "over the cap". Prints one JSON line per case and writes them all to score_memory_<label>_<device>.json
+under --out.
 
 The photo: smooth multi-scale structure, edges and fine grain, 4000 x 3000; the edit is what the engine
 returns for it: the photo through a 512 x 512 round trip (bicubic), with an elliptical region recoloured, and
@@ -50,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from harness import add_out_argument, result_path, timed, write_result
 
 CASES = {"photo-4000x3000": (3000, 4000), "strip-1x300000": (1, 300000)}  # run by default
 MORE_CASES = {"photo-1024x1024": (1024, 1024), "photo-1600x1200": (1200, 1600)}  # at and just above the limit
@@ -120,10 +123,10 @@ def child(case: str, folder: Path, scores_path: str | None, lpips_weights: str |
         image.load()
     scorer = scores.Scorer(scores.ScoreConfig(device="cpu", lpips_weights=lpips_weights))
     before = rss_mb()
-    t = time.perf_counter()
-    out = scorer.score([source], [edit], [mask], ["a photo of a red car"], ["a photo of a blue car"])
-    seconds = time.perf_counter() - t
-    print(json.dumps({"rss_before_mb": round(before), "seconds": round(seconds, 2),
+    call = timed(lambda: scorer.score([source], [edit], [mask], ["a photo of a red car"], ["a photo of a blue car"]),
+                 warmup=0)
+    out = call.result
+    print(json.dumps({"rss_before_mb": round(before), "seconds": round(call.steady_s, 2),
                       "scores": {k: None if v[0] is None else round(v[0], 4) for k, v in out.items()}}))
 
 
@@ -185,17 +188,21 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--lpips-weights", help=argparse.SUPPRESS)
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child, Path(args.folder), args.scores, args.lpips_weights)
         return
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         lpips_weights = None if args.no_lpips else random_alexnet(folder)
         for case in args.cases:
             write_case(case, folder)
-            result = run_case(case, folder, args.scores, lpips_weights, args.cap_gb)
-            print(json.dumps({"label": args.label, **result}), flush=True)
+            rows.append({"label": args.label, **run_case(case, folder, args.scores, lpips_weights, args.cap_gb)})
+            print(json.dumps(rows[-1]), flush=True)
+            write_result(result_path(f"score_memory_{args.label}", args.out, "cpu"), "cpu", cap_gb=args.cap_gb,
+                         rows=rows)
 
 
 if __name__ == "__main__":

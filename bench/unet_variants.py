@@ -1,6 +1,7 @@
 """Which UNet execution is fastest at SD 1.5 scale? Times one UNet forward at a fixed batch, per variant.
 
-    python bench/unet_variants.py --out $OUT [--batch 64] [--variants eager,compile,compile+bench,...] [--profile]
+    python bench/unet_variants.py [--out bench/results] [--batch 64] [--variants eager,compile,compile+bench,...]
+        [--profile]
 
 A variant is ``eager`` or options joined by ``+``:
   compile   torch.compile (default mode, static shapes)
@@ -14,7 +15,8 @@ A variant is ``eager`` or options joined by ``+``:
   autotune  mode="max-autotune-no-cudagraphs"
   graphs    mode="reduce-overhead" (CUDA graphs)
 Prints TFLOP/s per variant (FLOPs from torch.utils.flop_counter); with ``--profile``, where the GPU time of
-one forward goes, by kernel family.
+one forward goes, by kernel family. ``first 3 calls`` (warmup_s) is the compile time, or the autotuning; ms per
+forward is the median of ``--repeats`` calls after them. Writes unet_variants_<device>.json under --out.
 """
 
 from __future__ import annotations
@@ -22,69 +24,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
-import time
-from collections import defaultdict
-from pathlib import Path
 
 import torch
 
+from harness import add_out_argument, kernel_breakdown, result_path, sd15_unet, timed, write_result
+
 OPTIONS = {"compile", "cl", "cudnn", "bench", "freeze", "qkv", "tuned", "gemmtune", "autotune", "graphs"}
-KERNEL_FAMILIES = [  # first match wins; matched against the lower-cased kernel name
-    # inductor's generated kernels (pointwise and reductions: norms, activations, layout changes fused);
-    # first, since their names list the fused ops ("..._convolution_..._group_norm_permute_silu_...")
-    ("inductor fused (triton)", r"^triton_"),
-    ("attention", r"flash|fmha|attention|attn|sdpa"),
-    ("layout", r"nchwtonhwc|nhwctonchw|transpose|permute"),
-    ("conv", r"conv|fprop|implicit_gemm|xmma_fprop|winograd|dgrad"),
-    ("gemm", r"gemm|nvjet|cutlass|cublas|sm90_xmma|matmul"),
-    ("norm", r"group_norm|groupnorm|native_group|layer_norm|rowwisemoments|welford"),
-    ("memcpy/other", r"."),
-]
-
-
-def kernel_family(name: str) -> str:
-    low = name.lower()
-    return next(family for family, pattern in KERNEL_FAMILIES if re.search(pattern, low))
-
-
-def kernel_breakdown(fn, repeats: int = 2) -> dict:
-    """GPU kernel time of ``fn`` (per call), by family, with the top kernels: where the time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-    by_family, by_kernel = defaultdict(float), defaultdict(float)
-    for evt in prof.key_averages():
-        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if evt.device_type.name != "CUDA" or not us:
-            continue
-        by_family[kernel_family(evt.key)] += us / repeats / 1e3
-        by_kernel[evt.key] += us / repeats / 1e3
-    ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1])
-    per_family = defaultdict(list)
-    for name, ms in ranked:
-        if len(per_family[kernel_family(name)]) < 4:
-            per_family[kernel_family(name)].append((name[:110], round(ms, 2)))
-    return dict(gpu_ms=sum(by_family.values()),
-                families={k: round(v, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
-                top_kernels=dict(per_family))
 
 
 def build_unet(variant: str, device, dtype):
     """(UNet, callable to time, input layout transform, context to close) for one variant of SD 1.5's UNet (random weights)."""
-    from diffusers import UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     opts = set() if variant == "eager" else set(variant.split("+"))
     unknown = opts - OPTIONS
     if unknown:
         raise SystemExit(f"Unknown variant option(s) {sorted(unknown)}; choose from {sorted(OPTIONS)}.")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).to(device, dtype).eval().requires_grad_(False)
+    unet = sd15_unet().to(device, dtype).eval().requires_grad_(False)
     if "qkv" in opts:
         unet.fuse_qkv_projections()
     layout = lambda x: x  # noqa: E731
@@ -112,14 +68,13 @@ def build_unet(variant: str, device, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    add_out_argument(p)
     p.add_argument("--batch", default="64", help="one or more batch sizes, comma-separated")
     p.add_argument("--variants", default="eager,compile,compile+cl,compile+bench,freeze,compile+qkv,tuned")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="also break one forward's GPU time down by kernel family")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     from torch.utils.flop_counter import FlopCounterMode
 
     dev, dt = torch.device("cuda"), {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -137,24 +92,14 @@ def main(argv=None):
                     with FlopCounterMode(display=False) as fc:
                         unet(x, t, encoder_hidden_states=e)
                     flops[batch] = fc.get_total_flops()
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    forward()
-                torch.cuda.synchronize()
-                warm = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for _ in range(args.repeats):
-                    forward()
-                torch.cuda.synchronize()
-                per = (time.perf_counter() - t0) / args.repeats
-                row = dict(variant=variant, batch=batch, dtype=args.dtype, ms=per * 1e3,
-                           tflops=flops[batch] / per / 1e12, warmup_s=warm)
+                timing = timed(forward, dev, warmup=3, repeats=args.repeats)
+                row = dict(variant=variant, batch=batch, dtype=args.dtype, ms=timing.steady_s * 1e3,
+                           tflops=flops[batch] / timing.steady_s / 1e12, warmup_s=timing.first_s)
                 if args.profile:
                     row["profile"] = kernel_breakdown(forward)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            (args.out / "unet_variants.json").write_text(json.dumps(rows, indent=1))
+            write_result(result_path("unet_variants", args.out, dev), dev, rows=rows)
         ctx.close()
         run = unet = None  # free the variant's weights and graphs before the next
         torch._dynamo.reset()
