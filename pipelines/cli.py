@@ -16,7 +16,6 @@ import typing
 from importlib.metadata import entry_points
 
 
-
 def _flag_type(hint):
     """The argparse type of a config field's annotation (``int | None`` -> int)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -42,15 +41,15 @@ def add_config_flags(parser, config_cls, *, edit: bool = False) -> list[str]:
     hints, names = typing.get_type_hints(config_cls), []
     for f in cli_fields(config_cls):
         name, kind = flag_name(f), _flag_type(hints[f.name])
-        flag, help_ = "--" + name.replace("_", "-"), f.metadata["help"]
+        flags, help_ = ["--" + name.replace("_", "-"), *f.metadata.get("aliases", ())], f.metadata["help"]
         if edit:
             help_ += f" (default: the model's diffedit.json, else {f.default!r})"
         if kind is bool and f.default:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_ + " (default)")
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=help_ + " (default)")
         elif kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=help_)
+            parser.add_argument(*flags, action="store_true", default=None, help=help_)
         else:
-            parser.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], metavar=_METAVAR.get(kind),
+            parser.add_argument(*flags, type=kind, default=None, choices=f.metadata["choices"], metavar=_METAVAR.get(kind),
                                 help=help_ + ("" if edit else _default_text(f)))
         names.append(name)
     return names
@@ -64,6 +63,8 @@ def add_edit_flags(parser) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import COMPONENTS
+
     parser = argparse.ArgumentParser(prog="diffedit", description="DiffEdit over whole image datasets, on Ray Data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -72,9 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "DDIM decoding). Rerunning the same command on the same --output resumes it.")
     run.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="WebDataset shards: paths, globs, brace patterns (shard-{000000..000099}.tar) or s3://... URLs")
-    run.add_argument("--output", "-o", dest="output_dir", metavar="OUT", required=True, help="output folder (manifest/, run.json)")
-    from .config import COMPONENTS
-
+    run.add_argument("--output", "-o", dest="output_dir", metavar="OUT", required=True,
+                     help="output folder (manifest/, run.json)")
     flags = add_edit_flags(run.add_argument_group("edit", "The three DiffEdit steps (stages/config.py)."))
     for name, config_cls in COMPONENTS.items():
         flags += add_config_flags(run.add_argument_group(name, config_cls.__doc__.splitlines()[0]), config_cls)

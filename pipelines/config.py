@@ -118,7 +118,7 @@ class RunConfig:
     overwrite: bool = option(False, "delete an existing job in --output and start again")
     retry_errors: bool = option(True, "a rerun edits again the edits that have error rows (--no-retry-errors keeps "
                                       "them)")
-    verbose: bool = option(False, "show Ray's own log lines (hidden by default)")
+    verbose: bool = option(False, "show Ray's own log lines (hidden by default)", aliases=("-v",))
     progress_seconds: float | None = option(None, "seconds between progress lines on stderr (default: 1, rewritten in "
                                                   "place, on a terminal; 15 in a log)")
 

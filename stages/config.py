@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
-def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None):
-    """A config field that the command line offers as ``--flag`` (default: the field's name), with ``help``;
-    ``pipelines/cli.py`` generates the flags from these fields."""
-    return field(default=default, metadata=dict(help=help, flag=flag, choices=choices))
+def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None, aliases: tuple = ()):
+    """A config field that the command line offers as ``--flag`` (default: the field's name; ``aliases`` such as
+    ``-v`` too), with ``help``; ``pipelines/cli.py`` generates the flags from these fields."""
+    return field(default=default, metadata=dict(help=help, flag=flag, choices=choices, aliases=aliases))
 
 
 def flag_name(f) -> str:
