@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .filter import FilterError, parse
+from .filter import Expr, FilterError, parse
 from .schema import SCHEMA, SCHEMA_VERSION, SCORE_COLUMNS, missing
 from .store import OutputStore
 
@@ -94,36 +94,16 @@ def export(out: str | Path, to: str | Path, where: str | None = None, best_only:
     end, so ``to`` holds either the whole export or what it held before.
     """
     # 1. Check the job, the filter and the destination before reading or writing anything.
-    store = OutputStore(out)
-    if store.read_run() is None and not store.part_files():
-        raise FileNotFoundError(f"{out} holds no diffedit job (no run.json and no manifest/part-*.parquet): "
-                                "nothing to export.")
-    expr = None
-    if where is not None:  # "" too: an empty variable in a script must not export everything silently
-        try:
-            expr = parse(where, SCHEMA)
-        except FilterError as exc:
-            raise FilterError(f"--where is not a valid filter over the manifest's columns: {exc}") from exc
+    store = _job_store(out)
+    expr = _parse_where(where)
     to = Path(to).resolve()
     _check_destination(to, overwrite)
 
     # 2. The rows, read with pyarrow: integers stay exact int64 (pandas would make a nullable seed a float64).
-    columns = {"status", *EXPORT_COLUMNS, *(expr.columns if expr else ())}
-    table = store.read(columns=[c for c in SCHEMA.names if c in columns])
-    table = table.filter(pc.equal(table["status"], "ok"))
-    if best_only:
-        if table.num_rows and table["best"].null_count == table.num_rows:
-            raise ValueError("--best-only: these rows have no `best` mark (a manifest older than schema version 2).")
-        table = table.filter(pc.equal(table["best"], True))
-    if expr is not None:
-        table = table.filter(pa.array(expr.mask(table).to_numpy()))
+    table = _rows_to_export(store, expr, best_only)
 
     # 3. Write the shards and the marker into a temporary folder beside `to`, then move it into place.
-    to.parent.mkdir(parents=True, exist_ok=True)
-    for stale in to.parent.glob(f".{glob.escape(to.name)}.export-*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = to.parent / f".{to.name}.export-{uuid.uuid4().hex}.partial"
-    tmp.mkdir()
+    tmp = _fresh_temporary_folder(to)
     try:
         shards = _write_shards(table, tmp, maxcount)
         result = dict(exported=table.num_rows, to=str(to), where=where, best_only=best_only)
@@ -133,6 +113,49 @@ def export(out: str | Path, to: str | Path, where: str | None = None, best_only:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _job_store(out: str | Path) -> OutputStore:
+    """The job's output store; raises unless ``out`` holds a job (a run.json or manifest parts)."""
+    store = OutputStore(out)
+    if store.read_run() is None and not store.part_files():
+        raise FileNotFoundError(f"{out} holds no diffedit job (no run.json and no manifest/part-*.parquet): "
+                                "nothing to export.")
+    return store
+
+
+def _parse_where(where: str | None) -> Expr | None:
+    """The parsed ``--where`` filter over the manifest's columns, or None without one."""
+    if where is None:  # "" is parsed too: an empty variable in a script must not export everything silently
+        return None
+    try:
+        return parse(where, SCHEMA)
+    except FilterError as exc:
+        raise FilterError(f"--where is not a valid filter over the manifest's columns: {exc}") from exc
+
+
+def _rows_to_export(store: OutputStore, expr: Expr | None, best_only: bool) -> pa.Table:
+    """The ``ok`` rows (the best of each edit with ``best_only``) where ``expr`` holds, with the columns needed."""
+    columns = {"status", *EXPORT_COLUMNS, *(expr.columns if expr else ())}
+    table = store.read(columns=[c for c in SCHEMA.names if c in columns])
+    table = table.filter(pc.equal(table["status"], "ok"))
+    if best_only:
+        if table.num_rows and table["best"].null_count == table.num_rows:
+            raise ValueError("--best-only: these rows have no `best` mark (a manifest older than schema version 2).")
+        table = table.filter(pc.equal(table["best"], True))
+    if expr is not None:
+        table = table.filter(pa.array(expr.mask(table).to_numpy()))
+    return table
+
+
+def _fresh_temporary_folder(to: Path) -> Path:
+    """A new, empty folder beside ``to`` to write the export into, after removing any a killed export left."""
+    to.parent.mkdir(parents=True, exist_ok=True)
+    for stale in to.parent.glob(f".{glob.escape(to.name)}.export-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = to.parent / f".{to.name}.export-{uuid.uuid4().hex}.partial"
+    tmp.mkdir()
+    return tmp
 
 
 def _is_export_file(path: Path) -> bool:

@@ -63,22 +63,9 @@ def add_edit_flags(parser) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import COMPONENTS
-
     parser = argparse.ArgumentParser(prog="diffedit", description="DiffEdit over whole image datasets, on Ray Data.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="edit WebDataset shards into a resumable Parquet manifest",
-                         description="Edit every sample of the shards (DiffEdit: mask inference, DDIM encoding, masked "
-                                     "DDIM decoding). Rerunning the same command on the same --output resumes it.")
-    run.add_argument("inputs", nargs="+", metavar="INPUT",
-                     help="WebDataset shards: paths, globs, brace patterns (shard-{000000..000099}.tar) or s3://... URLs")
-    run.add_argument("--output", "-o", dest="output_dir", metavar="OUT", required=True,
-                     help="output folder (manifest/, run.json)")
-    flags = add_edit_flags(run.add_argument_group("edit", "The three DiffEdit steps (stages/config.py)."))
-    for name, config_cls in COMPONENTS.items():
-        flags += add_config_flags(run.add_argument_group(name, config_cls.__doc__.splitlines()[0]), config_cls)
-    run.set_defaults(func=_run, job_flags=flags)
+    _add_run(sub)
 
     st = sub.add_parser("status", help="counts by status, score distribution, what is left")
     st.add_argument("output")
@@ -103,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     for command in entry_points(group="diffedit.commands"):  # the shapes world's `shapes` and `eval` (shapes/cli.py)
         command.load()(sub, add_edit_flags)
     return parser
+
+
+def _add_run(sub) -> None:
+    """`diffedit run`: its flags generated from the job's configs, one argument group per config."""
+    from .config import COMPONENTS
+
+    run = sub.add_parser("run", help="edit WebDataset shards into a resumable Parquet manifest",
+                         description="Edit every sample of the shards (DiffEdit: mask inference, DDIM encoding, masked "
+                                     "DDIM decoding). Rerunning the same command on the same --output resumes it.")
+    run.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="WebDataset shards: paths, globs, brace patterns (shard-{000000..000099}.tar) or s3://... URLs")
+    run.add_argument("--output", "-o", dest="output_dir", metavar="OUT", required=True,
+                     help="output folder (manifest/, run.json)")
+    flags = add_edit_flags(run.add_argument_group("edit", "The three DiffEdit steps (stages/config.py)."))
+    for name, config_cls in COMPONENTS.items():
+        flags += add_config_flags(run.add_argument_group(name, config_cls.__doc__.splitlines()[0]), config_cls)
+    run.set_defaults(func=_run, job_flags=flags)
 
 
 def _run(args) -> int:

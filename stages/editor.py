@@ -55,58 +55,23 @@ def edit_batch(
     ``images_BCHW`` are in [-1, 1] at the model's resolution; ``masks[i]``, when given, is a bool
     mask at that resolution and skips mask inference for image i. (``model.max_batch`` caps the UNet's batch.)
     """
-    B = images_BCHW.shape[0]
-    if not (len(source_prompts) == len(target_prompts) == len(seeds) == B):
-        raise ValueError(
-            f"Got {B} images, {len(source_prompts)} source prompts, {len(target_prompts)} target prompts "
-            f"and {len(seeds)} seeds; they must be equal."
-        )
-    if masks is not None and len(masks) != B:
-        raise ValueError(f"Got {B} images but {len(masks)} masks; pass None for images without a mask.")
-    masks = masks if masks is not None else [None] * B
-    res = model.resolution
-    if tuple(images_BCHW.shape[1:]) != (3, res, res):
-        raise ValueError(f"`images_BCHW` must be B x 3 x {res} x {res} but is {tuple(images_BCHW.shape)}.")
+    _check_batch(model, images_BCHW, source_prompts, target_prompts, seeds, masks)
+    masks = masks if masks is not None else [None] * images_BCHW.shape[0]
 
     # 1. Encode the images once (posterior mean) and every distinct prompt once.
     latents_BChw = model.encode_images(images_BCHW)
-    latent_hw = tuple(latents_BChw.shape[-2:])
-    negative = config.decode.negative_prompt
-    embeds = model.encode_text(list(source_prompts) + list(target_prompts) + [negative, ""])
-    source_BLD, target_BLD = embeds[:B], embeds[B : 2 * B]
-    negative_BLD = embeds[2 * B : 2 * B + 1].expand(B, -1, -1)
-    empty_BLD = embeds[2 * B + 1 :].expand(B, -1, -1)
+    prompts = _encode_prompts(model, source_prompts, target_prompts, config.decode.negative_prompt)
 
     # 2. The mask: inferred (DiffEdit step 1) where the user gave none.
-    mask_Bhw = torch.zeros(B, *latent_hw, dtype=torch.bool, device=model.device)
-    soft_Bhw = torch.zeros(B, *latent_hw, dtype=torch.float32, device=model.device)
-    todo = [i for i, m in enumerate(masks) if m is None]
-    if todo:
-        noise = per_image_noise([seeds[i] for i in todo], (config.mask.num_samples, *latents_BChw.shape[1:]))
-        inferred = infer_mask(
-            model, latents_BChw[todo], source_BLD[todo], target_BLD[todo], noise,
-            config.mask, num_steps=config.encode.num_steps,
-        )
-        mask_Bhw[todo], soft_Bhw[todo] = inferred.mask_Bhw, inferred.soft_Bhw
-    given = [i for i, m in enumerate(masks) if m is not None]
-    if given:
-        pooled = latent_mask_from_image(torch.stack([masks[i] for i in given]).to(model.device), latent_hw)
-        mask_Bhw[given], soft_Bhw[given] = pooled, pooled.float()
+    mask_Bhw, soft_Bhw = _batch_masks(model, latents_BChw, prompts, seeds, masks, config)
 
     # 3. DDIM encoding to ratio r: unconditional (the paper) or under the source prompt; or, as the
     #    paper's ablation, plain noising with a draw of each edit's own derived generator.
-    if config.encode.method == "noise":
-        noise_BChw = per_image_noise([edit_seed(s, "encode") for s in seeds], tuple(latents_BChw.shape[1:]))
-        trajectory = noise_encode(model, latents_BChw, noise_BChw, config.encode)
-    else:
-        encode_BLD = source_BLD if config.encode.conditional else empty_BLD
-        trajectory = ddim_encode(model, latents_BChw, encode_BLD, config.encode, uncond_BLD=empty_BLD)
+    trajectory = _encode_latents(model, latents_BChw, prompts, seeds, config)
 
     # 4. Masked DDIM decoding under the target prompt, with classifier-free guidance.
-    edited_BChw = masked_ddim_decode(
-        model, trajectory, mask_Bhw, target_BLD, negative_BLD,
-        guidance=config.decode.guidance, num_steps=config.encode.num_steps,
-    )
+    edited_BChw = masked_ddim_decode(model, trajectory, mask_Bhw, prompts.target_BLD, prompts.negative_BLD,
+                                     guidance=config.decode.guidance, num_steps=config.encode.num_steps)
     return BatchOutput(
         edited_BCHW=model.decode_latents(edited_BChw),
         mask_Bhw=mask_Bhw,
@@ -115,6 +80,76 @@ def edit_batch(
         latents_BChw=edited_BChw,
         trajectory=trajectory if keep_trajectory else None,
     )
+
+
+def _check_batch(model: DiffEditModel, images_BCHW: torch.Tensor, source_prompts: list[str],
+                 target_prompts: list[str], seeds: list[int], masks: list | None) -> None:
+    """Raise early unless there is one prompt pair, seed (and mask, if any) per image, at the model's resolution."""
+    B = images_BCHW.shape[0]
+    if not (len(source_prompts) == len(target_prompts) == len(seeds) == B):
+        raise ValueError(
+            f"Got {B} images, {len(source_prompts)} source prompts, {len(target_prompts)} target prompts "
+            f"and {len(seeds)} seeds; they must be equal."
+        )
+    if masks is not None and len(masks) != B:
+        raise ValueError(f"Got {B} images but {len(masks)} masks; pass None for images without a mask.")
+    res = model.resolution
+    if tuple(images_BCHW.shape[1:]) != (3, res, res):
+        raise ValueError(f"`images_BCHW` must be B x 3 x {res} x {res} but is {tuple(images_BCHW.shape)}.")
+
+
+@dataclass
+class _Prompts:
+    """The text embeddings of one batch, each B x L x D."""
+
+    source_BLD: torch.Tensor
+    target_BLD: torch.Tensor
+    negative_BLD: torch.Tensor  # the negative prompt of classifier-free guidance, for every image
+    empty_BLD: torch.Tensor  # the empty prompt (unconditional), for every image
+
+
+def _encode_prompts(model: DiffEditModel, source_prompts: list[str], target_prompts: list[str],
+                    negative: str) -> _Prompts:
+    """Encode the source, target, negative and empty prompts in one text-encoder call."""
+    B = len(source_prompts)
+    embeds = model.encode_text(list(source_prompts) + list(target_prompts) + [negative, ""])
+    return _Prompts(
+        source_BLD=embeds[:B],
+        target_BLD=embeds[B : 2 * B],
+        negative_BLD=embeds[2 * B : 2 * B + 1].expand(B, -1, -1),
+        empty_BLD=embeds[2 * B + 1 :].expand(B, -1, -1),
+    )
+
+
+def _batch_masks(model: DiffEditModel, latents_BChw: torch.Tensor, prompts: _Prompts, seeds: list[int],
+                 masks: list[torch.Tensor | None], config: EditConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask_Bhw, soft_Bhw) at latent resolution: inferred where ``masks[i]`` is None, else the user's mask pooled."""
+    B, latent_hw = latents_BChw.shape[0], tuple(latents_BChw.shape[-2:])
+    mask_Bhw = torch.zeros(B, *latent_hw, dtype=torch.bool, device=model.device)
+    soft_Bhw = torch.zeros(B, *latent_hw, dtype=torch.float32, device=model.device)
+    todo = [i for i, m in enumerate(masks) if m is None]
+    if todo:
+        noise = per_image_noise([seeds[i] for i in todo], (config.mask.num_samples, *latents_BChw.shape[1:]))
+        inferred = infer_mask(
+            model, latents_BChw[todo], prompts.source_BLD[todo], prompts.target_BLD[todo], noise,
+            config.mask, num_steps=config.encode.num_steps,
+        )
+        mask_Bhw[todo], soft_Bhw[todo] = inferred.mask_Bhw, inferred.soft_Bhw
+    given = [i for i, m in enumerate(masks) if m is not None]
+    if given:
+        pooled = latent_mask_from_image(torch.stack([masks[i] for i in given]).to(model.device), latent_hw)
+        mask_Bhw[given], soft_Bhw[given] = pooled, pooled.float()
+    return mask_Bhw, soft_Bhw
+
+
+def _encode_latents(model: DiffEditModel, latents_BChw: torch.Tensor, prompts: _Prompts, seeds: list[int],
+                    config: EditConfig) -> Trajectory:
+    """Encode the latents to ratio r: the trajectory that masked decoding starts from."""
+    if config.encode.method == "noise":
+        noise_BChw = per_image_noise([edit_seed(s, "encode") for s in seeds], tuple(latents_BChw.shape[1:]))
+        return noise_encode(model, latents_BChw, noise_BChw, config.encode)
+    encode_BLD = prompts.source_BLD if config.encode.conditional else prompts.empty_BLD
+    return ddim_encode(model, latents_BChw, encode_BLD, config.encode, uncond_BLD=prompts.empty_BLD)
 
 
 @dataclass
@@ -168,47 +203,62 @@ class DiffEditor:
         ``edit_indices`` they fix each edit's noise. ``masks`` (PIL or arrays, nonzero = edit; None
         entries allowed) skip mask inference for those images.
         """
+        # 1. One prompt pair, key, edit index and mask (or None) per image.
         if isinstance(images, Image.Image):
             images = [images]
-        n = len(images)
-        sources = [source_prompts] * n if isinstance(source_prompts, str) else list(source_prompts)
-        targets = [target_prompts] * n if isinstance(target_prompts, str) else list(target_prompts)
-        keys = [image_key(im) for im in images] if keys is None else list(keys)
-        edit_indices = [0] * n if edit_indices is None else list(edit_indices)
-        masks = [None] * n if masks is None else list(masks)
-        for name, values in (("source_prompts", sources), ("target_prompts", targets), ("keys", keys),
-                             ("edit_indices", edit_indices), ("masks", masks)):
-            if len(values) != n:
-                raise ValueError(f"Got {n} images but {len(values)} {name}.")
+        sources, targets, keys, edit_indices, masks = _per_image(
+            images, source_prompts, target_prompts, keys, edit_indices, masks
+        )
+        # 2. Each image's seed from (seed, key, edit index), then the edits, batch by batch.
+        seeds = [edit_seed(seed, k, e) for k, e in zip(keys, edit_indices)]
         results: list[EditResult] = []
-        res = self.model.resolution
-        for start in range(0, n, self.batch_size):
+        for start in range(0, len(images), self.batch_size):
             sl = slice(start, start + self.batch_size)
-            batch_images = images[sl]
-            sizes = [to_rgb(im).size for im in batch_images]
-            seeds = [edit_seed(seed, k, e) for k, e in zip(keys[sl], edit_indices[sl])]
-            user = [None if m is None else masks_to_tensor([m], res)[0] for m in masks[sl]]
-            out = edit_batch(
-                self.model, images_to_tensor(batch_images, res).to(self.model.device), sources[sl], targets[sl],
-                seeds, self.config, masks=user,
-            )
-            edited = tensor_to_images(out.edited_BCHW, sizes)
-            mask_full = upsample_map(out.mask_Bhw, (res, res))
-            for i, size in enumerate(sizes):
-                results.append(
-                    EditResult(
-                        image=edited[i],
-                        mask=mask_to_image(mask_full[i], size),
-                        soft_map=out.soft_Bhw[i].cpu().numpy(),
-                        mask_latent=out.mask_Bhw[i].cpu().numpy(),
-                        mask_inferred=out.inferred[i],
-                        seed=seeds[i],
-                        source_prompt=sources[sl][i],
-                        target_prompt=targets[sl][i],
-                        latents=out.latents_BChw[i].cpu() if keep_latents else None,
-                    )
-                )
+            results += self._edit_batch(images[sl], sources[sl], targets[sl], seeds[sl], masks[sl], keep_latents)
         return results
+
+    def _edit_batch(self, images: list[Image.Image], sources: list[str], targets: list[str], seeds: list[int],
+                    masks: list, keep_latents: bool) -> list[EditResult]:
+        """Edit one batch at the model's resolution and bring each result back to its image's own size."""
+        res = self.model.resolution
+        sizes = [to_rgb(im).size for im in images]
+        user = [None if m is None else masks_to_tensor([m], res)[0] for m in masks]
+        out = edit_batch(
+            self.model, images_to_tensor(images, res).to(self.model.device), sources, targets,
+            seeds, self.config, masks=user,
+        )
+        edited = tensor_to_images(out.edited_BCHW, sizes)
+        mask_full = upsample_map(out.mask_Bhw, (res, res))
+        return [
+            EditResult(
+                image=edited[i],
+                mask=mask_to_image(mask_full[i], size),
+                soft_map=out.soft_Bhw[i].cpu().numpy(),
+                mask_latent=out.mask_Bhw[i].cpu().numpy(),
+                mask_inferred=out.inferred[i],
+                seed=seeds[i],
+                source_prompt=sources[i],
+                target_prompt=targets[i],
+                latents=out.latents_BChw[i].cpu() if keep_latents else None,
+            )
+            for i, size in enumerate(sizes)
+        ]
+
+
+def _per_image(images: list[Image.Image], source_prompts: list[str] | str, target_prompts: list[str] | str,
+               keys: list[str] | None, edit_indices: list[int] | None, masks: list | None) -> tuple[list, ...]:
+    """(sources, targets, keys, edit_indices, masks) as lists of one entry per image; raises on any other length."""
+    n = len(images)
+    sources = [source_prompts] * n if isinstance(source_prompts, str) else list(source_prompts)
+    targets = [target_prompts] * n if isinstance(target_prompts, str) else list(target_prompts)
+    keys = [image_key(im) for im in images] if keys is None else list(keys)
+    edit_indices = [0] * n if edit_indices is None else list(edit_indices)
+    masks = [None] * n if masks is None else list(masks)
+    for name, values in (("source_prompts", sources), ("target_prompts", targets), ("keys", keys),
+                         ("edit_indices", edit_indices), ("masks", masks)):
+        if len(values) != n:
+            raise ValueError(f"Got {n} images but {len(values)} {name}.")
+    return sources, targets, keys, edit_indices, masks
 
 
 def load(model: str | Path | None = None, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,

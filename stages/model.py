@@ -226,9 +226,7 @@ def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype:
     rows of one UNet call (:attr:`DiffEditModel.max_batch`). Raises :class:`ModelLoadError` naming what is
     missing, or why the weights were refused.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    # 1. Where the weights run, and where they come from.
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path = Path(model).expanduser()
@@ -238,6 +236,29 @@ def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype:
         source = str(path.resolve())
     else:
         source = str(model)  # a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+    # 2. The components, safetensors only; then the checks that need the scheduler config.
+    unet, vae, text_encoder, tokenizer, scheduler_config = _load_components(source, dtype, model, path, is_local)
+    if scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"Unsupported prediction_type {scheduler_config['prediction_type']!r}.")
+
+    # 3. The folder's recommended edit parameters (diffedit.json), if any.
+    recommended = {}
+    if is_local and (path / RECOMMENDED_DEFAULTS_FILE).is_file():
+        recommended = json.loads((path / RECOMMENDED_DEFAULTS_FILE).read_text())
+
+    # 4. Frozen, in eval mode, on the device.
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return DiffEditModel(unet, vae, text_encoder, tokenizer, scheduler_config, source, device, dtype, recommended,
+                         max_batch=max_batch)
+
+
+def _load_components(source: str, dtype: torch.dtype, model: str | Path, path: Path, is_local: bool) -> tuple:
+    """(unet, vae, text_encoder, tokenizer, scheduler_config) from ``source``; a :class:`ModelLoadError` if any fails."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     kwargs = dict(use_safetensors=True)
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
@@ -251,12 +272,4 @@ def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype:
             f"Could not load the model {where} {model!r}: {exc}".strip()
             + ("" if is_local else f" (no local folder {path} exists, and a hub id needs network access and safetensors weights on the hub).")
         ) from exc
-    if scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
-        raise ModelLoadError(f"Unsupported prediction_type {scheduler_config['prediction_type']!r}.")
-    recommended = {}
-    if is_local and (path / RECOMMENDED_DEFAULTS_FILE).is_file():
-        recommended = json.loads((path / RECOMMENDED_DEFAULTS_FILE).read_text())
-    for module in (unet, vae, text_encoder):
-        module.to(device).eval().requires_grad_(False)
-    return DiffEditModel(unet, vae, text_encoder, tokenizer, scheduler_config, source, device, dtype, recommended,
-                         max_batch=max_batch)
+    return unet, vae, text_encoder, tokenizer, scheduler_config

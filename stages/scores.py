@@ -461,52 +461,70 @@ class Scorer:
             s, e, m = _as_rgb_array(sources[i]), _as_rgb_array(edits[i]), _as_mask_array(masks[i])
             if s.shape != e.shape or s.shape[:2] != m.shape:
                 raise ValueError(f"Pair {i}: source {s.shape[:2]}, edit {e.shape[:2]} and mask {m.shape} must have one size.")
-            a, b = (_view(x).to(self.device).permute(2, 0, 1)[None] for x in (s, e))
-            inside, total = squared_error_sums(a, b, _view(m).to(self.device)[None])
-            n_fg, channels = int(m.sum()), s.shape[2]
-            out["psnr_fg"][i] = _number(psnr(inside, channels * n_fg, data_range=255))
-            out["psnr_bg"][i] = _number(psnr(total - inside, channels * (m.size - n_fg), data_range=255))
-            out["mask_fraction"][i] = mask_fraction(m)
+            self._full_size_scores(s, e, m, i, out)
             if self.clip is not None:
                 clip_src.append(self.clip_input(s))
                 clip_edt.append(self.clip_input(e))
             small.append(shrink_pair(s, e, m, self.config.max_pixels))
-            del s, e, m, a, b
+            del s, e, m
 
         # 2. CLIP: image and text embeddings, then the four similarities.
         if self.clip is not None:
-            src_img, edt_img = self.encode_images(clip_src + clip_edt).chunk(2)
-            src_txt, tgt_txt = self.text_embeddings(list(source_prompts) + list(target_prompts)).chunk(2)
-            columns = {
-                "clip_source": cosine(edt_img, src_txt),
-                "clip_target": cosine(edt_img, tgt_txt),
-                "clip_directional": directional_similarity(src_img, edt_img, src_txt, tgt_txt),
-                "clip_image": cosine(src_img, edt_img),
-            }
-            for name, values in columns.items():
-                out[name] = [float(v) for v in values.cpu()]
+            self._clip_scores(clip_src, clip_edt, source_prompts, target_prompts, out)
 
         # 3. SSIM and LPIPS at the bounded size, on groups of same-size pairs, at most max_pixels pixels per
         #    forward pass, in [0, 1] (LPIPS takes [-1, 1]).
-        groups: dict[tuple, list[int]] = {}
-        for i, (s, _, _, _) in enumerate(small):
-            groups.setdefault(s.shape, []).append(i)
-        for shape, members in groups.items():
+        for shape, members in _same_size_groups(small).items():
             n = min(self.config.batch_size, max(1, self.config.max_pixels // (shape[0] * shape[1])))
             for j in range(0, len(members), n):
-                idx = members[j : j + n]
-                stack = lambda k: torch.from_numpy(np.stack([small[i][k] for i in idx])).to(self.device)  # noqa: E731
-                a, b = (stack(k).permute(0, 3, 1, 2).float() / 255 for k in (0, 1))
-                fg, bg = stack(2), stack(3)
-                ssim = ssim_map(a, b)
-                values = {"ssim_bg": region_mean(ssim, bg), "ssim_fg": region_mean(ssim, fg)}
-                del ssim
-                if self.lpips is not None and min(shape[:2]) >= LPIPS_MIN_SIDE:
-                    values["lpips"] = self.lpips(a * 2 - 1, b * 2 - 1).flatten()
-                for name, column in values.items():
-                    for i, v in zip(idx, column.cpu().tolist()):
-                        out[name][i] = _number(v)
+                self._bounded_scores([small[i] for i in members[j : j + n]], members[j : j + n], out)
         return out
+
+    def _full_size_scores(self, s: np.ndarray, e: np.ndarray, m: np.ndarray, i: int, out: dict[str, list]) -> None:
+        """Pair i's exact PSNR inside and outside the mask, and its mask fraction, into ``out``."""
+        a, b = (_view(x).to(self.device).permute(2, 0, 1)[None] for x in (s, e))
+        inside, total = squared_error_sums(a, b, _view(m).to(self.device)[None])
+        n_fg, channels = int(m.sum()), s.shape[2]
+        out["psnr_fg"][i] = _number(psnr(inside, channels * n_fg, data_range=255))
+        out["psnr_bg"][i] = _number(psnr(total - inside, channels * (m.size - n_fg), data_range=255))
+        out["mask_fraction"][i] = mask_fraction(m)
+
+    def _clip_scores(self, clip_src: list[torch.Tensor], clip_edt: list[torch.Tensor], source_prompts: list[str],
+                     target_prompts: list[str], out: dict[str, list]) -> None:
+        """The four CLIP columns of every pair into ``out``, from CLIP's inputs and the prompts."""
+        src_img, edt_img = self.encode_images(clip_src + clip_edt).chunk(2)
+        src_txt, tgt_txt = self.text_embeddings(list(source_prompts) + list(target_prompts)).chunk(2)
+        columns = {
+            "clip_source": cosine(edt_img, src_txt),
+            "clip_target": cosine(edt_img, tgt_txt),
+            "clip_directional": directional_similarity(src_img, edt_img, src_txt, tgt_txt),
+            "clip_image": cosine(src_img, edt_img),
+        }
+        for name, values in columns.items():
+            out[name] = [float(v) for v in values.cpu()]
+
+    def _bounded_scores(self, pairs: list[tuple], idx: list[int], out: dict[str, list]) -> None:
+        """SSIM (and LPIPS) of one forward pass of same-size pairs from :func:`shrink_pair` into ``out`` at ``idx``."""
+        shape = pairs[0][0].shape
+        stack = lambda k: torch.from_numpy(np.stack([p[k] for p in pairs])).to(self.device)  # noqa: E731
+        a, b = (stack(k).permute(0, 3, 1, 2).float() / 255 for k in (0, 1))
+        fg, bg = stack(2), stack(3)
+        ssim = ssim_map(a, b)
+        values = {"ssim_bg": region_mean(ssim, bg), "ssim_fg": region_mean(ssim, fg)}
+        del ssim
+        if self.lpips is not None and min(shape[:2]) >= LPIPS_MIN_SIDE:
+            values["lpips"] = self.lpips(a * 2 - 1, b * 2 - 1).flatten()
+        for name, column in values.items():
+            for i, v in zip(idx, column.cpu().tolist()):
+                out[name][i] = _number(v)
+
+
+def _same_size_groups(small: list[tuple]) -> dict[tuple, list[int]]:
+    """The indices of the shrunk pairs, grouped by their size (H x W x 3), in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (s, _, _, _) in enumerate(small):
+        groups.setdefault(s.shape, []).append(i)
+    return groups
 
 
 def _view(a: np.ndarray) -> torch.Tensor:

@@ -258,16 +258,23 @@ def test_cluster_launcher_mounts_the_output_on_every_node():
 # Versions and names agree with pyproject.toml
 
 
-def test_ray_version_everywhere_is_pyprojects_pin():
-    ray_pin = pins()["ray"]
-    seen = 0
+def assert_versions(expected: str, checks: list[tuple[str, str]]) -> int:
+    """Assert that every version each (regex with one group, message) check finds in the cluster files is
+    ``expected``; the message is formatted with {name}, {version} and {expected}. Returns how many were found."""
+    found = 0
     for name, text in cluster_texts().items():
-        for version in re.findall(r"\bray(?:\[[^\]]*\])?==([\w.]+)", text):
-            assert version == ray_pin, f"{name} pins ray {version}, pyproject.toml {ray_pin}"
-            seen += 1
-        for version in re.findall(r"rayVersion:\s*['\"]?([\w.]+)", text):
-            assert version == ray_pin, f"{name} has rayVersion {version}, pyproject.toml pins {ray_pin}"
-            seen += 1
+        for pattern, message in checks:
+            for version in re.findall(pattern, text):
+                assert version == expected, message.format(name=name, version=version, expected=expected)
+                found += 1
+    return found
+
+
+def test_ray_version_everywhere_is_pyprojects_pin():
+    seen = assert_versions(pins()["ray"], [
+        (r"\bray(?:\[[^\]]*\])?==([\w.]+)", "{name} pins ray {version}, pyproject.toml {expected}"),
+        (r"rayVersion:\s*['\"]?([\w.]+)", "{name} has rayVersion {version}, pyproject.toml pins {expected}"),
+    ])
     assert seen >= 3  # the launcher's setup, the Dockerfile, the RayCluster
 
 
@@ -281,14 +288,10 @@ def test_other_pins_in_cluster_files_agree_with_pyproject():
 
 
 def test_images_and_wheels_carry_the_project_version():
-    found = 0
-    for name, text in cluster_texts().items():
-        for tag in re.findall(rf"/{NAME}:([\w.-]+)", text):
-            assert tag == VERSION, f"{name} names image {NAME}:{tag}, pyproject.toml version is {VERSION}"
-            found += 1
-        for version in re.findall(rf"{NAME}-([\w.]+?)-py3-none-any\.whl", text):
-            assert version == VERSION, f"{name} installs {NAME} {version}, pyproject.toml has {VERSION}"
-            found += 1
+    found = assert_versions(VERSION, [
+        (rf"/{NAME}:([\w.-]+)", f"{{name}} names image {NAME}:{{version}}, pyproject.toml version is {{expected}}"),
+        (rf"{NAME}-([\w.]+?)-py3-none-any\.whl", f"{{name}} installs {NAME} {{version}}, pyproject.toml has {{expected}}"),
+    ])
     assert found >= 3  # two images in the RayCluster, the wheel of the launcher
 
 
