@@ -328,3 +328,31 @@ def test_actor_calls_in_flight_share_the_model_one_batch_at_a_time(tiny_model_di
     for a, b in zip(alone, together):
         assert [r["status"] for r in a] == [r["status"] for r in b] == ["ok", "ok"]
         assert [(r["edit_id"], r["edited_png"], r["mask_png"]) for r in a] == [(r["edit_id"], r["edited_png"], r["mask_png"]) for r in b]
+
+
+def test_an_actor_pads_a_short_batch_for_a_compiled_model_without_changing_its_rows(tiny_model_dir, tmp_path):
+    """With --compile the actor pads a short batch to the full batch shape (copies of its last row, results
+    dropped), so a compiled model sees one shape; the rows it writes are those of the unpadded batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffedit.manifests.store import OutputStore
+    from diffedit.pipelines.actor import EditActor, ExpandOptions, expand_sample
+    from diffedit.pipelines.config import EngineConfig, OutputConfig, SamplingConfig
+    from diffedit.pipelines.prompts import PromptSpec
+    from diffedit.stages.config import EditConfig
+
+    store = OutputStore(tmp_path / "out")
+    store.parts.mkdir(parents=True)
+    options = ExpandOptions(PromptSpec.from_dict({"rules": [{"from": "red", "to": "blue"}]}), "txt", SamplingConfig())
+    sample = dict(key="k", shard="x.tar", image=png(scene(3)), caption="a red circle", label=None, mask=None, error=None)
+    batch = pa.Table.from_pylist(expand_sample(sample, options, frozenset()))
+    rows = []
+    for pad_to in (None, 4):
+        actor = EditActor(EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="fp32"), EditConfig.from_flat(FAST),
+                          scores=None, output=OutputConfig(), sampling=SamplingConfig(), max_pixels=10**6,
+                          output_dir=str(store.out), pad_to=pad_to)
+        (account,) = actor(batch).to_pylist()
+        rows.append(pq.read_table(store.parts / account["part"]).to_pylist())
+    assert [len(r) for r in rows] == [1, 1] and rows[0][0]["status"] == "ok"
+    assert {k: v for k, v in rows[0][0].items()} == rows[1][0]
