@@ -7,7 +7,7 @@ decided on all k rows, and a resume finds a group either committed whole or not 
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from .schema import SCORE_COLUMNS, missing
 
@@ -30,23 +30,6 @@ def group_key(row: dict) -> tuple | None:
     if row.get("sample_index") is None:
         return None
     return row["shard"], row["key"], row["edit_index"]
-
-
-def complete_groups(rows: list[dict], k: int) -> tuple[list[dict], list[dict]]:
-    """Split rows into those ready to commit (rows of no group, and groups with all k rows) and the others.
-
-    The actor returns whole groups, but Ray Data may cut an actor's output into several blocks and
-    interleave other actors' blocks between them: the driver holds a group back until all k rows are there.
-    """
-    counts = Counter(group_key(r) for r in rows)
-    too_many = [g for g, n in counts.items() if g is not None and n > k]
-    if too_many:
-        raise RuntimeError(f"{len(too_many)} edit(s) arrived with more than {k} samples, e.g. {too_many[0]}")
-    ready, held = [], []
-    for r in rows:
-        g = group_key(r)
-        (ready if g is None or counts[g] == k else held).append(r)
-    return ready, held
 
 
 def mark_best(rows: list[dict], best_by: str) -> int:

@@ -71,6 +71,12 @@ def edit_ids(shard: str, key: str, edit_index: int, source_prompt: str, target_p
     return [edit_id(shard, key, edit_index, source_prompt, target_prompt, s) for s in range(k)]
 
 
+def first_row(row: dict) -> bool:
+    """Whether ``row`` is its sample's first (edit 0, sample 0): every sample has exactly one, error and skipped
+    samples included, so counting these counts samples."""
+    return row["edit_index"] == 0 and not row["sample_index"]
+
+
 def empty_row(**values) -> dict:
     row = {name: None for name in SCHEMA.names}
     row.update(values)

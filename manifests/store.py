@@ -231,8 +231,8 @@ def check_same_job(out: Path, previous: dict, run: dict) -> None:
 
 
 def _short(value) -> str:
-    text = value if isinstance(value, (int, float, bool)) or value is None else repr(value)
-    text = str(text)
+    """A value for the refusal message: numbers as they are, strings quoted, long ones cut."""
+    text = str(value) if isinstance(value, (int, float, bool)) or value is None else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

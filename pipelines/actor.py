@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from ..manifests.best import mark_best
-from ..manifests.schema import edit_ids, empty_row, missing, sample_id
+from ..manifests.schema import edit_ids, empty_row, first_row, missing, sample_id
 from ..manifests.store import OutputStore
 from ..stages.config import EditConfig, ScoreConfig
 from .config import EngineConfig, OutputConfig, SamplingConfig
@@ -104,11 +104,11 @@ def _assign_samples(row: dict, sampling: SamplingConfig) -> None:
     from ..stages.randomness import edit_seed
 
     shard, key, i = row["shard"], row["key"], row["edit_index"]
-    k = sampling.samples_per_edit if row["status"] == "pending" else 1
-    target = row["target_prompt"] or ""
-    row["_edit_ids"] = edit_ids(shard, key, i, row["source_prompt"] or "", target, k)
-    row["_seeds"] = [edit_seed(sampling.seed, sample_id(shard, key), i, s) for s in range(k)]
-    row.update(edit_id=row["_edit_ids"][0], seed=row["_seeds"][0] if row["status"] == "pending" else None)
+    pending = row["status"] == "pending"
+    k = sampling.samples_per_edit if pending else 1
+    row["_edit_ids"] = edit_ids(shard, key, i, row["source_prompt"] or "", row["target_prompt"] or "", k)
+    row["_seeds"] = [edit_seed(sampling.seed, sample_id(shard, key), i, s) for s in range(k)] if pending else [None]
+    row.update(edit_id=row["_edit_ids"][0], seed=row["_seeds"][0])
 
 
 class EditActor:
@@ -236,7 +236,7 @@ def _account(rows: list[dict], part: str, unscored: int) -> dict:
     """The one-row account of a staged part that the driver receives."""
     status = [r["status"] for r in rows]
     return dict(part=part, ok=status.count("ok"), error=status.count("error"), skipped=status.count("skipped"),
-                samples=sum(r["edit_index"] == 0 and not r["sample_index"] for r in rows),
+                samples=sum(map(first_row, rows)),
                 shard_errors=sum(r["status"] == "error" and r["key"] == shard_error_key(r["shard"]) for r in rows),
                 unscored_groups=unscored)
 

@@ -18,16 +18,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from ..manifests.best import BETTER, DEFAULT_BEST_BY, check_best_by
-from ..stages.config import FLAT_KEYS, EditConfig, ScoreConfig, flag_name, option
+from ..stages.config import FLAT_KEYS, EditConfig, ScoreConfig, check, flag_name, option
 from .inputs import DEFAULT_MAX_PIXELS
 from .shards import DEFAULT_MAX_MEMBER_BYTES
 
 CALLS_IN_FLIGHT = 2  # EditActor calls at once per GPU actor (threads): one on the GPU, one on the CPU
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -44,7 +39,7 @@ class EngineConfig:
     compile: bool = option(False, "torch.compile the UNet and the VAE in each actor (GPU; about 1.5 min at the start)")
 
     def __post_init__(self):
-        _check(self.max_batch is None or self.max_batch >= 1, f"`--max-batch` must be >= 1 but is {self.max_batch}.")
+        check(self.max_batch is None or self.max_batch >= 1, f"`--max-batch` must be >= 1 but is {self.max_batch}.")
 
 
 @dataclass(frozen=True)
@@ -60,8 +55,8 @@ class InputConfig:
                                                              "them")
 
     def __post_init__(self):
-        _check(self.max_pixels >= 1, f"`--max-pixels` must be >= 1 but is {self.max_pixels}.")
-        _check(self.max_member_bytes >= 1, f"`--max-member-bytes` must be >= 1 but is {self.max_member_bytes}.")
+        check(self.max_pixels >= 1, f"`--max-pixels` must be >= 1 but is {self.max_pixels}.")
+        check(self.max_member_bytes >= 1, f"`--max-member-bytes` must be >= 1 but is {self.max_member_bytes}.")
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ class SamplingConfig:
                                            "lpips (lower)", choices=tuple(BETTER))
 
     def __post_init__(self):
-        _check(self.samples_per_edit >= 1, f"`--samples-per-edit` must be >= 1 but is {self.samples_per_edit}.")
+        check(self.samples_per_edit >= 1, f"`--samples-per-edit` must be >= 1 but is {self.samples_per_edit}.")
         check_best_by(self.best_by)
 
 
@@ -106,8 +101,8 @@ class ResourceConfig:
     def __post_init__(self):
         for name in ("batch_size", "cpu_actors", "calls_in_flight", "num_gpus"):
             value = getattr(self, name)
-            _check(value is None or value >= 1, f"`--{name.replace('_', '-')}` must be >= 1 but is {value}.")
-        _check(self.gpus_per_actor > 0, f"`--gpus-per-actor` must be positive but is {self.gpus_per_actor}.")
+            check(value is None or value >= 1, f"`--{name.replace('_', '-')}` must be >= 1 but is {value}.")
+        check(self.gpus_per_actor > 0, f"`--gpus-per-actor` must be positive but is {self.gpus_per_actor}.")
 
 
 @dataclass(frozen=True)
@@ -123,7 +118,7 @@ class RunConfig:
                                                   "place, on a terminal; 15 in a log)")
 
     def __post_init__(self):
-        _check(self.limit is None or self.limit >= 1, f"`--limit` must be >= 1 but is {self.limit}.")
+        check(self.limit is None or self.limit >= 1, f"`--limit` must be >= 1 but is {self.limit}.")
 
 
 # The components of a job: name -> config class. The names are run.json's sections and JobConfig's fields.

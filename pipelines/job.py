@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..manifests.best import NO_SCORE_RULE, check_best_by
-from ..manifests.schema import SCHEMA_VERSION, sample_id
+from ..manifests.schema import SCHEMA_VERSION, first_row, sample_id
 from ..manifests.store import OutputStore
 from ..stages.config import EditConfig
 from .actor import EditActor, ExpandOptions, done_ids, expand_sample, read_samples
@@ -198,11 +198,10 @@ def begin(store: OutputStore, plan: Plan, log) -> tuple[frozenset, bool]:
 
 
 def samples_done(store: OutputStore, shards: list[str]) -> int:
-    """Samples of these shards committed by earlier runs, counted by their first row (edit 0, sample 0): every
-    sample has exactly one, error and skipped samples included."""
+    """Samples of these shards committed by earlier runs, counted by their first rows (manifests.schema)."""
     read = set(shards)
     rows = store.read(columns=["shard", "edit_index", "sample_index"]).to_pylist()
-    return sum(r["shard"] in read and r["edit_index"] == 0 and not r["sample_index"] for r in rows)
+    return sum(r["shard"] in read and first_row(r) for r in rows)
 
 
 def stream(ray, plan: Plan, done: frozenset, committer: Committer, log) -> None:

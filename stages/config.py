@@ -24,7 +24,8 @@ def flag_name(f) -> str:
     return f.metadata.get("flag") or f.name
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
+    """Raise ValueError(message) unless ok: the configs' validation."""
     if not ok:
         raise ValueError(message)
 
@@ -40,10 +41,10 @@ class MaskConfig:
     threshold: float = option(0.5, "binarisation threshold of the [0, 1] mask map (paper: 0.5)")
 
     def __post_init__(self):
-        _check(self.num_samples >= 1, f"`mask_samples` must be >= 1 but is {self.num_samples}.")
-        _check(0.0 < self.strength <= 1.0, f"`mask_strength` must be in (0, 1] but is {self.strength}.")
-        _check(self.clip_ratio > 0, f"`clip_ratio` must be positive but is {self.clip_ratio}.")
-        _check(0.0 <= self.threshold < 1.0, f"`threshold` must be in [0, 1) but is {self.threshold}.")
+        check(self.num_samples >= 1, f"`mask_samples` must be >= 1 but is {self.num_samples}.")
+        check(0.0 < self.strength <= 1.0, f"`mask_strength` must be in (0, 1] but is {self.strength}.")
+        check(self.clip_ratio > 0, f"`clip_ratio` must be positive but is {self.clip_ratio}.")
+        check(0.0 <= self.threshold < 1.0, f"`threshold` must be in [0, 1) but is {self.threshold}.")
 
 
 @dataclass(frozen=True)
@@ -64,15 +65,15 @@ class EncodeConfig:
                          flag="encode_method", choices=("ddim", "noise"))
 
     def __post_init__(self):
-        _check(self.num_steps >= 1, f"`steps` must be >= 1 but is {self.num_steps}.")
-        _check(0.0 < self.encode_ratio <= 1.0, f"`encode_ratio` must be in (0, 1] but is {self.encode_ratio}.")
-        _check(
+        check(self.num_steps >= 1, f"`steps` must be >= 1 but is {self.num_steps}.")
+        check(0.0 < self.encode_ratio <= 1.0, f"`encode_ratio` must be in (0, 1] but is {self.encode_ratio}.")
+        check(
             int(self.num_steps * self.encode_ratio) >= 1,
             f"`steps` x `encode_ratio` must give at least one step, but {self.num_steps} x {self.encode_ratio} does not.",
         )
-        _check(self.guidance >= 1.0, f"`encode_guidance` must be >= 1 but is {self.guidance}.")
-        _check(self.method in ("ddim", "noise"), f"`encode_method` must be ddim or noise but is {self.method!r}.")
-        _check(
+        check(self.guidance >= 1.0, f"`encode_guidance` must be >= 1 but is {self.guidance}.")
+        check(self.method in ("ddim", "noise"), f"`encode_method` must be ddim or noise but is {self.method!r}.")
+        check(
             self.conditional or self.guidance == 1.0,
             "`encode_guidance` > 1 needs conditional encoding (`conditional_encoding=True`).",
         )
@@ -91,7 +92,7 @@ class DecodeConfig:
     negative_prompt: str = option("", "negative (unconditional) text of guidance during decoding")
 
     def __post_init__(self):
-        _check(self.guidance >= 1.0, f"`guidance` must be >= 1 but is {self.guidance}.")
+        check(self.guidance >= 1.0, f"`guidance` must be >= 1 but is {self.guidance}.")
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class ScoreConfig:
     max_pixels: int = SCORE_MAX_PIXELS
 
     def __post_init__(self):
-        _check(self.lpips_net in LPIPS_BACKBONES,
+        check(self.lpips_net in LPIPS_BACKBONES,
                f"`lpips_net` must be one of {', '.join(LPIPS_BACKBONES)} but is {self.lpips_net!r}.")
-        _check(self.batch_size >= 1, f"`batch_size` must be >= 1 but is {self.batch_size}.")
-        _check(self.max_pixels >= 1, f"`max_pixels` must be >= 1 but is {self.max_pixels}.")
+        check(self.batch_size >= 1, f"`batch_size` must be >= 1 but is {self.batch_size}.")
+        check(self.max_pixels >= 1, f"`max_pixels` must be >= 1 but is {self.max_pixels}.")

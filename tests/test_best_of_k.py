@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from diffedit.manifests.best import BETTER, check_best_by, complete_groups, mark_best
+from diffedit.manifests.best import BETTER, check_best_by, mark_best
 from diffedit.manifests.schema import SCORE_COLUMNS
 from diffedit.manifests.store import OutputStore, ParameterMismatch, schema_version
 from diffedit.pipelines.cli import main as cli_main
@@ -253,19 +253,6 @@ def test_mark_best_ties_nulls_errors_and_lower_is_better():
     assert [r["best"] for r in rows[:3]] == [True, False, False]
     one = [row("a", 0, 0, None)]
     assert mark_best(one, "clip_directional") == 0 and one[0]["best"]  # k = 1: nothing to choose, nothing to say
-
-
-def test_complete_groups_holds_back_a_group_cut_in_two():
-    first = [row("a", 0, 0, 1.0), row("a", 0, 1, 2.0), row("b", 0, 0, 1.0), row("a", 1, 0, 1.0),
-             dict(shard="s.tar", key="x", edit_index=0, sample_index=None, status="skipped")]
-    ready, held = complete_groups(first, 2)
-    assert [(r["key"], r["edit_index"]) for r in ready] == [("a", 0), ("a", 0), ("x", 0)]
-    ready, held = complete_groups(held + [row("b", 0, 1, 0.5), row("a", 1, 1, 3.0)], 2)
-    assert len(ready) == 4 and held == []
-    same_key_other_shard = [row("a", 0, 0, 1.0), row("a", 0, 0, 1.0, shard="t.tar")]
-    assert complete_groups(same_key_other_shard, 2) == ([], same_key_other_shard)
-    with pytest.raises(RuntimeError, match="more than 2"):
-        complete_groups([row("a", 0, i, 1.0) for i in range(3)], 2)
 
 
 def test_status_and_export_of_marked_rows_without_ray(tmp_path):
