@@ -11,10 +11,14 @@ The schema version is in every part's file metadata (``diffedit.schema_version``
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "3"  # 2: sample_index and best (best-of-k); 3: edit ids and seeds include the shard
+# 2: sample_index and best (best-of-k); 3: edit ids and seeds include the shard; 4: edits at the image's aspect
+# ratio and composited onto the source: source_image, input_json, edit_width/height, composite,
+# bg_changed_pixels; pandas metadata so that plain pandas reads integer columns with nulls exactly.
+SCHEMA_VERSION = "4"
 STATUSES = ("ok", "error", "skipped")
 SCORE_COLUMNS = ("clip_source", "clip_target", "clip_directional", "clip_image", "lpips", "psnr_bg", "ssim_bg",
                  "psnr_fg", "ssim_fg")
@@ -32,8 +36,14 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
         ("best", pa.bool_()),  # the best ok sample of its edit by run.json's best_by (manifests/best.py)
         ("seed", pa.int64()),  # the per-edit seed
-        ("width", pa.int32()),  # the source image's size; masks and edits have it too
+        ("width", pa.int32()),  # the source image's size (upright); source, mask and edit have it
         ("height", pa.int32()),
+        ("edit_width", pa.int32()),  # the size the model edited at (stages.images.bucket_size, or --resolution)
+        ("edit_height", pa.int32()),
+        ("composite", pa.string()),  # "mask": the source outside the edit region; "none": the whole decode
+        ("bg_changed_pixels", pa.int64()),  # pixels outside the edit region that differ from source_image
+        ("input_json", pa.string()),  # the input sample's json member (a JSON object as text), if it had one
+        ("source_image", pa.binary()),  # the image the edit was made from (ok rows): stages.images.source_bytes
         ("mask_png", pa.binary()),
         ("mask_inferred", pa.bool_()),
         ("mask_fraction", pa.float32()),
@@ -43,8 +53,15 @@ SCHEMA = pa.schema(
         ("latents_shape", pa.list_(pa.int32())),
         *[(name, pa.float32()) for name in SCORE_COLUMNS],
     ],
-    metadata={b"diffedit.schema_version": SCHEMA_VERSION.encode()},
 )
+# Integer columns that hold nulls: pandas would read them as float64, and a 63-bit seed would lose its low bits.
+# The pandas metadata names their nullable dtypes, which pyarrow's to_pandas (and so pd.read_parquet) uses.
+_NULLABLE_INTS = {"int32": "Int32", "int64": "Int64"}
+_PANDAS = dict(index_columns=[], column_indexes=[], columns=[
+    dict(name=f.name, field_name=f.name, pandas_type=str(f.type), numpy_type=_NULLABLE_INTS[str(f.type)], metadata=None)
+    for f in SCHEMA if str(f.type) in _NULLABLE_INTS])
+SCHEMA = SCHEMA.with_metadata({b"diffedit.schema_version": SCHEMA_VERSION.encode(),
+                               b"pandas": json.dumps(_PANDAS).encode()})
 
 
 def sample_id(shard: str, key: str) -> str:

@@ -28,7 +28,7 @@ from .shards import shard_error_key
 
 SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("image", pa.binary()),
                            ("caption", pa.string()), ("label", pa.string()), ("mask", pa.binary()),
-                           ("error", pa.string())])
+                           ("error", pa.string()), ("json", pa.string())])
 SAMPLES_PER_YIELD = 32  # Ray Data merges what a task yields into blocks of up to its target block size (128 MiB)
 # What an actor call returns: one row per part it staged (its file name and what it holds).
 PART_SCHEMA = pa.schema([("part", pa.string()), ("ok", pa.int64()), ("error", pa.int64()), ("skipped", pa.int64()),
@@ -83,7 +83,8 @@ def expand_sample(sample: dict, options: ExpandOptions, done: frozenset) -> list
     shard, key = sample["shard"], sample["key"]
     if sample_id(shard, key) in done:
         return []
-    base = dict(key=key, shard=shard, _image=None, _mask=None, source_prompt=sample["caption"])
+    base = dict(key=key, shard=shard, _image=None, _mask=None, source_prompt=sample["caption"],
+                input_json=sample["json"])
     edits = [] if sample["error"] else options.prompts.edits(key, sample["caption"], sample["label"])
     if sample["error"]:
         rows = [empty_row(**base, edit_index=0, status="error", error=sample["error"])]
@@ -132,6 +133,9 @@ class EditActor:
         self.edit, self.output, self.sampling, self.max_pixels, self.pad_to = edit, output, sampling, max_pixels, pad_to
         self._device = threading.Lock()  # one batch at a time on the model (and the scorer)
         self.model = load_model(engine.model, device=engine.device, dtype=engine.dtype, max_batch=engine.max_batch)
+        from ..stages.editor import check_frame
+
+        check_frame(self.model, edit.frame)  # a forced --resolution this model cannot take fails the job at once
         if engine.compile:
             self.model.compile()  # lazy: the first batch of each shape compiles
         self.scorer = None
@@ -157,9 +161,12 @@ class EditActor:
     def _samples(self, row: dict) -> list[dict]:
         """Best-of-k: an edit's k samples, its image decoded once, edited in this call as k independent edits
         batched together (each its own seed, so its own mask noise too), written together."""
+        from ..stages.images import source_bytes, to_rgb
+
         try:
-            row["_pil"] = open_image(row["_image"], self.max_pixels)
+            row["_pil"] = to_rgb(open_image(row["_image"], self.max_pixels))
             row["width"], row["height"] = row["_pil"].size
+            row["_source"] = source_bytes(row["_image"], row["_pil"])
             row["_user_mask"] = None if missing(row["_mask"]) else _open_mask(row["_mask"], self.max_pixels)
         except ValueError as exc:
             row.update(status="error", error=str(exc))
@@ -177,41 +184,26 @@ class EditActor:
                 self._edit([r])
 
     def _edit_batch(self, rows: list[dict]) -> None:
-        from ..stages.images import tensor_to_images
+        """Edit the rows (each at its edit size, composited back at its own), score them, fill their columns."""
+        from ..stages.editor import edit_images
 
-        edited_BCHW, masks, inferred, latents_BChw = self._run_model(rows)
-        edited = tensor_to_images(edited_BCHW, [(r["width"], r["height"]) for r in rows])
+        edits = edit_images(self.model, [r["_pil"] for r in rows], [r["source_prompt"] for r in rows],
+                            [r["target_prompt"] for r in rows], [int(r["seed"]) for r in rows], self.edit,
+                            [r["_user_mask"] for r in rows], pad_to=self.pad_to, lock=self._device,
+                            keep_latents=self.output.save_latents)
         if self.scorer is not None:
-            with self._device:
-                scores = self.scorer.score([r["_pil"] for r in rows], edited, masks,
-                                           [r["source_prompt"] for r in rows], [r["target_prompt"] for r in rows])
+            with self._device:  # background scores outside the edit region (stages/composite.py), as the count
+                scores = self.scorer.score([r["_pil"] for r in rows], [e.image for e in edits],
+                                           [e.region for e in edits], [r["source_prompt"] for r in rows],
+                                           [r["target_prompt"] for r in rows])
             for i, r in enumerate(rows):
                 r.update({name: values[i] for name, values in scores.items()})
-        for i, r in enumerate(rows):
-            r.update(status="ok", error=None, mask_inferred=inferred[i], **_images(edited[i], masks[i], self.output))
-            if latents_BChw is not None:
-                r.update(latents=latents_BChw[i].flatten().numpy(), latents_shape=list(latents_BChw[i].shape))
-
-    def _run_model(self, rows: list[dict]):
-        """The three DiffEdit steps on the batch: (edited images, full-size masks, which inferred, latents)."""
-        from ..stages.editor import edit_batch
-        from ..stages.images import images_to_tensor, mask_to_image, masks_to_tensor
-        from ..stages.mask import upsample_map
-
-        m, res, n = self.model, self.model.resolution, len(rows)
-        padded = rows + rows[-1:] * max(0, (self.pad_to or 0) - n)  # a compiled model sees one batch shape
-        images = images_to_tensor([r["_pil"] for r in padded], res)
-        masks = [None if r["_user_mask"] is None else masks_to_tensor([r["_user_mask"]], res)[0] for r in padded]
-        with self._device:
-            out = edit_batch(m, images.to(m.device), [r["source_prompt"] for r in padded],
-                             [r["target_prompt"] for r in padded], [int(r["seed"]) for r in padded], self.edit,
-                             masks=masks)
-            edited_BCHW, mask_Bhw, inferred = out.edited_BCHW[:n].cpu(), out.mask_Bhw[:n].cpu(), out.inferred[:n]
-            latents = out.latents_BChw[:n].float().cpu() if self.output.save_latents else None
-            del out
-        full = upsample_map(mask_Bhw, (res, res))
-        masks_full = [mask_to_image(full[i], (r["width"], r["height"])) for i, r in enumerate(rows)]
-        return edited_BCHW, masks_full, inferred, latents
+        for r, e in zip(rows, edits):
+            r.update(status="ok", error=None, mask_inferred=e.inferred, edit_width=e.edit_size[0],
+                     edit_height=e.edit_size[1], composite=self.edit.frame.composite, source_image=r["_source"],
+                     **_images(e, r["_pil"], self.output))
+            if e.latents is not None:
+                r.update(latents=e.latents.flatten().numpy(), latents_shape=list(e.latents.shape))
 
 
 def encode_image(image, fmt: str) -> bytes:
@@ -223,13 +215,25 @@ def encode_image(image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _images(edited, mask, output: OutputConfig) -> dict:
-    """An edited row's image columns: the mask PNG, its area and the edit in the chosen format."""
+def _images(edit, source, output: OutputConfig) -> dict:
+    """An edited row's image columns: the mask PNG, its area (at the image's resolution), the edit in the chosen
+    format, and how many pixels outside the edit region differ from ``source`` in the image as stored (PNG is
+    lossless; JPEG re-encodes every pixel, so there the count is of its rounding, not of the edit)."""
+    import numpy as np
+    from PIL import Image
+
+    from ..stages.composite import changed_outside
     from ..stages.scores import mask_fraction
 
     column = "edited_jpg" if output.image_format == "jpeg" else "edited_png"
-    return {"mask_png": encode_image(mask, "png"), "mask_fraction": mask_fraction(mask),
-            column: encode_image(edited, output.image_format)}
+    mask = Image.fromarray(edit.mask.astype("uint8") * 255, "L")
+    data = encode_image(Image.fromarray(edit.image), output.image_format)
+    changed = edit.bg_changed_pixels
+    if output.image_format == "jpeg":
+        changed = changed_outside(np.asarray(source), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                                  edit.region)
+    return {"mask_png": encode_image(mask, "png"), "mask_fraction": mask_fraction(edit.mask), column: data,
+            "bg_changed_pixels": changed}
 
 
 def _account(rows: list[dict], part: str, unscored: int) -> dict:

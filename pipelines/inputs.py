@@ -67,6 +67,7 @@ class Sample:
     label: str | None
     mask: bytes | None
     error: str | None = None
+    json: str | None = None  # the json member, a JSON object as text (the manifest's input_json)
 
 
 def _member(members: dict[str, bytes], ext: str) -> bytes | None:
@@ -103,11 +104,13 @@ def sample_from_raw(raw, shard: str, caption_field: str = "txt") -> Sample:
     sample = Sample(raw.key, shard, image, None, _text(_member(members, "cls")), mask, raw.error)
     if sample.error:
         return sample
+    raw_json = _member(members, "json")
     try:
-        meta = parse_json_member(_member(members, "json")) if _member(members, "json") is not None else {}
+        meta = parse_json_member(raw_json) if raw_json is not None else {}
     except ValueError as exc:
         sample.error = str(exc)
         return sample
+    sample.json = None if raw_json is None else raw_json.decode("utf-8", errors="replace")
     sample.caption = _text(_member(members, "txt")) if caption_field == "txt" else None
     if sample.caption is None:
         value = meta.get("caption" if caption_field == "txt" else caption_field)

@@ -10,6 +10,7 @@ CLI option names (``--encode-ratio`` <-> ``encode_ratio``), each declared once, 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 
@@ -95,6 +96,43 @@ class DecodeConfig:
         check(self.guidance >= 1.0, f"`guidance` must be >= 1 but is {self.guidance}.")
 
 
+# --resolution: "auto", or a forced edit size "N" (N x N) or "WxH", each side a positive integer.
+_SIZE = re.compile(r"^(?:auto|[1-9][0-9]{0,5}(?:x[1-9][0-9]{0,5})?)$")
+COMPOSITES = ("mask", "none")
+
+
+@dataclass(frozen=True)
+class FrameConfig:
+    """Where the model edits an image and how the edit returns to it (stages/images.py, stages/composite.py)."""
+
+    # auto: the model's pixel budget at the aspect-ratio bucket that holds the image largest (images.bucket_size).
+    resolution: str = option("auto", "size the model edits at: auto (its pixel budget, at the aspect-ratio bucket "
+                                     "nearest the image's), N (N x N) or WxH; the image is fitted inside with its "
+                                     "aspect ratio kept (reflected borders), never stretched")
+    # The paper keeps the background by masked decoding in latent space; the VAE still redraws every pixel. Here
+    # the final image is the source outside the mask (and a feathered band around it), pixel for pixel.
+    composite: str = option("mask", "mask: the source image, at its own resolution, outside the edit mask and its "
+                                    "feathered band; none: the whole decoded image (every pixel redrawn)",
+                            choices=COMPOSITES)
+    feather: int = option(4, "width in pixels (at the image's resolution) of the band outside the mask over which "
+                             "the edit fades into the source (--composite mask)")
+
+    def __post_init__(self):
+        check(isinstance(self.resolution, str) and bool(_SIZE.match(self.resolution)),
+              f"`resolution` must be auto, N or WxH (e.g. 512 or 768x512) but is {self.resolution!r}.")
+        check(self.composite in COMPOSITES, f"`composite` must be mask or none but is {self.composite!r}.")
+        check(isinstance(self.feather, int) and 0 <= self.feather <= 256,
+              f"`feather` must be an integer from 0 to 256 (pixels) but is {self.feather!r}.")
+
+    @property
+    def forced_size(self) -> tuple[int, int] | None:
+        """(width, height) given by --resolution, or None for auto."""
+        if self.resolution == "auto":
+            return None
+        w, _, h = self.resolution.partition("x")
+        return int(w), int(h or w)
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """All parameters that change an edit's pixels. Two runs with equal configs give equal edits."""
@@ -102,6 +140,7 @@ class EditConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    frame: FrameConfig = field(default_factory=FrameConfig)
 
     def flat(self) -> dict:
         return {key: getattr(getattr(self, part), name) for key, (part, name) in _FLAT.items()}
@@ -124,7 +163,7 @@ class EditConfig:
         return EditConfig.from_flat({**self.flat(), **flat_overrides})
 
 
-STEPS = {"mask": MaskConfig, "encode": EncodeConfig, "decode": DecodeConfig}
+STEPS = {"mask": MaskConfig, "encode": EncodeConfig, "decode": DecodeConfig, "frame": FrameConfig}
 # Flat keys (CLI option names with underscores) -> (component, field), from the fields' own declarations.
 _FLAT = {flag_name(f): (part, f.name) for part, cls in STEPS.items() for f in fields(cls)}
 FLAT_KEYS = tuple(_FLAT)

@@ -10,6 +10,7 @@ and its edit index), so a result never depends on the batch it was computed in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,9 @@ from PIL import Image
 from .config import EditConfig
 from .decode import masked_ddim_decode
 from .encode import Trajectory, ddim_encode, noise_encode
-from .images import images_to_tensor, mask_to_image, masks_to_tensor, tensor_to_images, to_rgb
-from .mask import infer_mask, latent_mask_from_image, upsample_map
+from .composite import changed_outside, composite, edit_region
+from .images import RESAMPLE, bucket_size, fit_images, fit_masks, to_rgb, to_uint8, unfit
+from .mask import infer_mask, latent_mask_from_image
 from .model import DiffEditModel, load_model
 from .randomness import edit_seed, per_image_noise
 from .scores import mask_fraction
@@ -32,7 +34,7 @@ from .sources import SHIPPED_MODEL
 
 @dataclass
 class BatchOutput:
-    edited_BCHW: torch.Tensor  # float32 in [-1, 1], at the model's resolution
+    edited_BCHW: torch.Tensor  # float32 in [-1, 1], at the edit size
     mask_Bhw: torch.Tensor  # bool, latent resolution (inferred, or the user's mask pooled to the latent grid)
     soft_Bhw: torch.Tensor  # float32 in [0, 1]; for a user mask, the mask itself as 0/1
     inferred: list[bool]  # False where the user supplied the mask
@@ -52,8 +54,9 @@ def edit_batch(
 ) -> BatchOutput:
     """Mask inference -> DDIM encoding -> masked DDIM decoding for B images, fused on ``model.device``.
 
-    ``images_BCHW`` are in [-1, 1] at the model's resolution; ``masks[i]``, when given, is a bool
-    mask at that resolution and skips mask inference for image i. (``model.max_batch`` caps the UNet's batch.)
+    ``images_BCHW`` are in [-1, 1] at an edit size (each side a multiple of ``model.size_multiple``; see
+    :func:`edit_images` for images of any size); ``masks[i]``, when given, is a bool mask at that size and
+    skips mask inference for image i. (``model.max_batch`` caps the UNet's batch.)
     """
     _check_batch(model, images_BCHW, source_prompts, target_prompts, seeds, masks)
     masks = masks if masks is not None else [None] * images_BCHW.shape[0]
@@ -84,7 +87,7 @@ def edit_batch(
 
 def _check_batch(model: DiffEditModel, images_BCHW: torch.Tensor, source_prompts: list[str],
                  target_prompts: list[str], seeds: list[int], masks: list | None) -> None:
-    """Raise early unless there is one prompt pair, seed (and mask, if any) per image, at the model's resolution."""
+    """Raise early unless there is one prompt pair, seed (and mask, if any) per image, at a size the model takes."""
     B = images_BCHW.shape[0]
     if not (len(source_prompts) == len(target_prompts) == len(seeds) == B):
         raise ValueError(
@@ -93,9 +96,9 @@ def _check_batch(model: DiffEditModel, images_BCHW: torch.Tensor, source_prompts
         )
     if masks is not None and len(masks) != B:
         raise ValueError(f"Got {B} images but {len(masks)} masks; pass None for images without a mask.")
-    res = model.resolution
-    if tuple(images_BCHW.shape[1:]) != (3, res, res):
-        raise ValueError(f"`images_BCHW` must be B x 3 x {res} x {res} but is {tuple(images_BCHW.shape)}.")
+    m, shape = model.size_multiple, tuple(images_BCHW.shape)
+    if len(shape) != 4 or shape[1] != 3 or shape[2] % m or shape[3] % m:
+        raise ValueError(f"`images_BCHW` must be B x 3 x H x W with H and W multiples of {m} but is {shape}.")
 
 
 @dataclass
@@ -153,17 +156,107 @@ def _encode_latents(model: DiffEditModel, latents_BChw: torch.Tensor, prompts: _
 
 
 @dataclass
+class ImageEdit:
+    """One edit back at its image's own size (what :func:`edit_images` returns per image)."""
+
+    image: np.ndarray  # H x W x 3 uint8: the source with the edit composited in, or the whole decode
+    mask: np.ndarray  # H x W bool: the mask at the image's resolution
+    region: np.ndarray  # H x W bool: the mask and its feathered band (stages.composite.edit_region)
+    edit_size: tuple[int, int]  # (width, height) the model edited at
+    bg_changed_pixels: int  # pixels outside ``region`` that differ from the source (0 with composite "mask")
+    inferred: bool  # False where the user supplied the mask
+    soft_hw: np.ndarray  # float32 h x w at latent resolution, in [0, 1]
+    mask_hw: np.ndarray  # bool h x w
+    latents: torch.Tensor | None = None  # edited latents C x h x w (with keep_latents)
+
+
+def edit_size(model: DiffEditModel, width: int, height: int, frame) -> tuple[int, int]:
+    """The (width, height) an image is edited at: ``--resolution`` if forced, else its aspect-ratio bucket."""
+    return frame.forced_size or bucket_size(width, height, model.resolution, model.size_multiple)
+
+
+def check_frame(model: DiffEditModel, frame) -> None:
+    """Raise ValueError unless a forced ``--resolution`` suits the model (each side a multiple of its need)."""
+    m, size = model.size_multiple, frame.forced_size
+    if size is not None and (size[0] % m or size[1] % m):
+        raise ValueError(f"`resolution` {frame.resolution} does not suit this model: each side must be a multiple "
+                         f"of {m} px (its VAE and UNet downsample by {m}).")
+
+
+def edit_images(model: DiffEditModel, images: list[Image.Image], source_prompts: list[str], target_prompts: list[str],
+                seeds: list[int], config: EditConfig, masks: list | None = None, *, pad_to: int | None = None,
+                lock=None, keep_latents: bool = False) -> list[ImageEdit]:
+    """Edit PIL images of any sizes, each at its edit size (images of one size share model batches), and bring
+    each edit back to its image's own size: composited onto the source (``config.frame.composite``).
+
+    ``pad_to`` pads each model batch to that many rows (a compiled model then sees one shape per edit size);
+    ``lock`` (a context manager) is held around the model's work only.
+    """
+    check_frame(model, config.frame)
+    rgbs = [to_rgb(im) for im in images]
+    masks = masks if masks is not None else [None] * len(rgbs)
+    sizes = [edit_size(model, *im.size, config.frame) for im in rgbs]
+    out: list[ImageEdit | None] = [None] * len(rgbs)
+    for size in dict.fromkeys(sizes):
+        idx = [i for i, s in enumerate(sizes) if s == size]
+        group = _edit_at(model, size, [rgbs[i] for i in idx], [source_prompts[i] for i in idx],
+                         [target_prompts[i] for i in idx], [seeds[i] for i in idx], config, [masks[i] for i in idx],
+                         pad_to, lock or contextlib.nullcontext(), keep_latents)
+        for i, result in zip(idx, group):
+            out[i] = result
+    return out
+
+
+def _edit_at(model: DiffEditModel, size: tuple[int, int], rgbs: list[Image.Image], sources: list[str],
+             targets: list[str], seeds: list[int], config: EditConfig, masks: list, pad_to: int | None, lock,
+             keep_latents: bool) -> list[ImageEdit]:
+    """One model batch at edit ``size`` (padded to ``pad_to`` rows by repeating its last), then each row back."""
+    n = len(rgbs)
+    pad = max(0, (pad_to or 0) - n)
+    user = [None if m is None else fit_masks([m], size, [rgb.size])[0] for m, rgb in zip(masks, rgbs)]
+    with lock:
+        out = edit_batch(model, fit_images(rgbs + rgbs[-1:] * pad, size).to(model.device), sources + sources[-1:] * pad,
+                         targets + targets[-1:] * pad, seeds + seeds[-1:] * pad, config, masks=user + user[-1:] * pad)
+        decoded = to_uint8(out.edited_BCHW[:n])
+        mask_hw, soft_hw = out.mask_Bhw[:n].cpu().numpy(), out.soft_Bhw[:n].float().cpu().numpy()
+        latents = out.latents_BChw[:n].float().cpu() if keep_latents else None
+        del out
+    return [_back(rgb, decoded[i], mask_hw[i], soft_hw[i], size, config, user[i] is None,
+                  None if latents is None else latents[i]) for i, rgb in enumerate(rgbs)]
+
+
+def _back(rgb: Image.Image, decoded: np.ndarray, mask_hw: np.ndarray, soft_hw: np.ndarray, size: tuple[int, int],
+          config: EditConfig, inferred: bool, latents: torch.Tensor | None) -> ImageEdit:
+    """One decoded edit at ``size`` -> its image's own size, composited (or not), with its mask and region."""
+    source = np.asarray(rgb)
+    cell = size[1] // mask_hw.shape[0]  # pixels per latent cell
+    mask_px = np.kron(mask_hw.astype(np.uint8), np.ones((cell, cell), np.uint8))
+    mask = unfit(mask_px, rgb.size, Image.Resampling.NEAREST) > 0
+    edit = unfit(decoded, rgb.size, RESAMPLE)
+    frame = config.frame
+    region = edit_region(mask, frame.feather)
+    image = composite(source, edit, mask, frame.feather) if frame.composite == "mask" else edit
+    return ImageEdit(image=image, mask=mask, region=region, edit_size=size,
+                     bg_changed_pixels=changed_outside(source, image, region), inferred=inferred, soft_hw=soft_hw,
+                     mask_hw=mask_hw, latents=latents)
+
+
+@dataclass
 class EditResult:
     """One edit, at the input image's own size."""
 
     image: Image.Image  # the edited image (RGB, original width x height)
+    source: Image.Image  # the image it was made from (upright RGB): equal to ``image`` outside ``region``
     mask: Image.Image  # the mask used ('L', 0/255, original size)
+    region: np.ndarray  # bool H x W: the mask and its feathered band (stages.composite.edit_region)
     soft_map: np.ndarray  # float32 h x w at latent resolution, in [0, 1]
     mask_latent: np.ndarray  # bool h x w
     mask_inferred: bool
     seed: int  # the per-edit seed actually used
     source_prompt: str
     target_prompt: str
+    edit_size: tuple[int, int]  # (width, height) the model edited at
+    bg_changed_pixels: int  # pixels outside ``region`` that differ from ``source`` (0 with composite "mask")
     latents: torch.Tensor | None = None  # edited latents C x h x w (with keep_latents=True)
 
     @property
@@ -201,7 +294,8 @@ class DiffEditor:
 
         ``keys`` name the samples (default: a hash of each image's pixels); with ``seed`` and
         ``edit_indices`` they fix each edit's noise. ``masks`` (PIL or arrays, nonzero = edit; None
-        entries allowed) skip mask inference for those images.
+        entries allowed) skip mask inference for those images. Each image is edited at its aspect ratio's
+        edit size and comes back at its own size (``config.frame``).
         """
         # 1. One prompt pair, key, edit index and mask (or None) per image.
         if isinstance(images, Image.Image):
@@ -214,35 +308,18 @@ class DiffEditor:
         results: list[EditResult] = []
         for start in range(0, len(images), self.batch_size):
             sl = slice(start, start + self.batch_size)
-            results += self._edit_batch(images[sl], sources[sl], targets[sl], seeds[sl], masks[sl], keep_latents)
+            edits = edit_images(self.model, images[sl], sources[sl], targets[sl], seeds[sl], self.config, masks[sl],
+                                keep_latents=keep_latents)
+            results += [_result(im, e, s, src, tgt) for im, e, s, src, tgt
+                        in zip(images[sl], edits, seeds[sl], sources[sl], targets[sl])]
         return results
 
-    def _edit_batch(self, images: list[Image.Image], sources: list[str], targets: list[str], seeds: list[int],
-                    masks: list, keep_latents: bool) -> list[EditResult]:
-        """Edit one batch at the model's resolution and bring each result back to its image's own size."""
-        res = self.model.resolution
-        sizes = [to_rgb(im).size for im in images]
-        user = [None if m is None else masks_to_tensor([m], res)[0] for m in masks]
-        out = edit_batch(
-            self.model, images_to_tensor(images, res).to(self.model.device), sources, targets,
-            seeds, self.config, masks=user,
-        )
-        edited = tensor_to_images(out.edited_BCHW, sizes)
-        mask_full = upsample_map(out.mask_Bhw, (res, res))
-        return [
-            EditResult(
-                image=edited[i],
-                mask=mask_to_image(mask_full[i], size),
-                soft_map=out.soft_Bhw[i].cpu().numpy(),
-                mask_latent=out.mask_Bhw[i].cpu().numpy(),
-                mask_inferred=out.inferred[i],
-                seed=seeds[i],
-                source_prompt=sources[i],
-                target_prompt=targets[i],
-                latents=out.latents_BChw[i].cpu() if keep_latents else None,
-            )
-            for i, size in enumerate(sizes)
-        ]
+
+def _result(image: Image.Image, e: ImageEdit, seed: int, source_prompt: str, target_prompt: str) -> EditResult:
+    return EditResult(image=Image.fromarray(e.image), source=to_rgb(image), mask=Image.fromarray(e.mask.astype(np.uint8) * 255, "L"),
+                      region=e.region, soft_map=e.soft_hw, mask_latent=e.mask_hw, mask_inferred=e.inferred, seed=seed,
+                      source_prompt=source_prompt, target_prompt=target_prompt, edit_size=e.edit_size,
+                      bg_changed_pixels=e.bg_changed_pixels, latents=e.latents)
 
 
 def _per_image(images: list[Image.Image], source_prompts: list[str] | str, target_prompts: list[str] | str,

@@ -1,12 +1,22 @@
-"""Images in and out of the model: mode conversion, EXIF rotation, resizing to the model's resolution.
+"""Images in and out of the model: mode conversion, EXIF rotation, the edit size, fitting and unfitting.
 
-Aspect ratio: every image is resized (stretched) to the model's square resolution, edited there, and the
-edit and the mask are resized back to the image's own width and height. Nothing is cropped, so every
-pixel of the original has an edited counterpart; a very elongated image is edited at a lower effective
-resolution along its long side.
+The edit size (:func:`bucket_size`): the model's pixel budget (its training resolution squared) at one of a few
+aspect-ratio buckets (:func:`buckets`): every (width, height) whose sides are multiples of what the VAE and the
+UNet need (``DiffEditModel.size_multiple``: 64 px for Stable Diffusion), whose area is at most the budget and
+at least :data:`MIN_BUCKET_AREA` of it, and whose aspect ratio is at most :data:`MAX_ASPECT`. For Stable
+Diffusion at 512: 512x512, 576x448, 640x384, 768x320 and their transposes. An image goes to the bucket in which,
+scaled to fit with its aspect ratio kept, it is largest (ties: the least border, then the squarer bucket). ``--resolution`` forces a size.
+
+Fitting (:func:`fit_images`): the image is resized to fit the edit size with its aspect ratio kept, centred,
+and the rest is filled by reflecting the image at its borders (content the model can denoise naturally, not
+a flat band it would try to explain). Nothing is stretched: an object keeps its shape. :func:`unfit` crops the
+decoded edit (or the mask) back to the image's box and resizes it to the image's own size.
 """
 
 from __future__ import annotations
+
+import io
+import math
 
 import numpy as np
 import torch
@@ -34,32 +44,114 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def images_to_tensor(images: list[Image.Image], resolution: int) -> torch.Tensor:
-    """PIL images (any mode, any size) -> images_BCHW in [-1, 1] at resolution x resolution."""
+    """PIL images (any mode, any size) -> images_BCHW in [-1, 1] at resolution x resolution, stretched: for square
+    images at the model's resolution (the benchmarks, the reference tests); the job fits (:func:`fit_images`)."""
     arrays = [np.asarray(to_rgb(im).resize((resolution, resolution), RESAMPLE), dtype=np.float32) for im in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return x / 127.5 - 1.0
 
 
-def masks_to_tensor(masks: list[Image.Image | np.ndarray], resolution: int) -> torch.Tensor:
-    """User masks (PIL or arrays; nonzero = edit) -> bool mask_BHW at resolution x resolution."""
-    out = []
-    for m in masks:
-        m = m if isinstance(m, Image.Image) else Image.fromarray((np.asarray(m) > 0).astype(np.uint8) * 255)
-        m = ImageOps.exif_transpose(m).convert("L").resize((resolution, resolution), Image.Resampling.NEAREST)
-        out.append(np.asarray(m) > 127)
-    return torch.from_numpy(np.stack(out))
-
-
 def tensor_to_images(images_BCHW: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Image.Image]:
     """images in [-1, 1] -> RGB PIL images resized back to each (width, height)."""
-    arr = ((images_BCHW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = to_uint8(images_BCHW)
     return [
         Image.fromarray(a).resize(size, RESAMPLE) if a.shape[1::-1] != tuple(size) else Image.fromarray(a)
         for a, size in zip(arr, sizes)
     ]
 
 
-def mask_to_image(mask_HW: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-    """A bool mask at any resolution -> an 'L' PIL image (0/255) at (width, height), nearest resampling."""
-    m = Image.fromarray(mask_HW.cpu().numpy().astype(np.uint8) * 255, "L")
-    return m.resize(size, Image.Resampling.NEAREST) if m.size != tuple(size) else m
+MAX_ASPECT = 2.5  # the most elongated bucket; a longer image is fitted into it with reflected borders
+MIN_BUCKET_AREA = 0.8  # a bucket uses at least this share of the pixel budget
+
+
+def buckets(resolution: int, multiple: int) -> list[tuple[int, int]]:
+    """The (width, height) edit sizes for a model trained at ``resolution`` x ``resolution``, squarest first."""
+    budget, out = resolution * resolution, set()
+    for w in range(multiple, budget // multiple + 1, multiple):
+        h = (budget // w) // multiple * multiple  # the tallest height within the budget
+        if h >= multiple and w * h >= MIN_BUCKET_AREA * budget and max(w / h, h / w) <= MAX_ASPECT:
+            out |= {(w, h), (h, w)}
+    return sorted(out, key=lambda wh: (abs(math.log(wh[0] / wh[1])), wh))
+
+
+def fit_box(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(left, top, fitted width, fitted height): where an image of ``width`` x ``height`` lies in an edit of
+    ``size`` when resized to fit it with its aspect ratio kept, centred."""
+    bw, bh = size
+    scale = min(bw / width, bh / height)
+    fw, fh = min(bw, max(1, round(width * scale))), min(bh, max(1, round(height * scale)))
+    return (bw - fw) // 2, (bh - fh) // 2, fw, fh
+
+
+def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """The bucket in which an image of ``width`` x ``height`` is largest once fitted (ties: the one with the least
+    border, then the squarer)."""
+    return max(buckets(resolution, multiple), key=lambda b: (_fitted_area(width, height, b), -b[0] * b[1]))
+
+
+def _fitted_area(width: int, height: int, size: tuple[int, int]) -> int:
+    _, _, fw, fh = fit_box(width, height, size)
+    return fw * fh
+
+
+def fit_images(images: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+    """PIL images (any mode, any size) -> images_BCHW in [-1, 1] at ``size`` (width, height), each fitted with
+    its aspect ratio kept and the border filled by reflection (an image of ``size``'s shape is only resized)."""
+    arrays = [fit_array(np.asarray(to_rgb(im)), size, RESAMPLE) for im in images]
+    x = torch.from_numpy(np.stack(arrays).astype(np.float32)).permute(0, 3, 1, 2)
+    return x / 127.5 - 1.0
+
+
+def fit_masks(masks: list[Image.Image | np.ndarray], size: tuple[int, int],
+              image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """User masks (nonzero = edit) -> bool mask_BHW at ``size``: each resized (nearest) to its image's size
+    (width, height), then fitted as its image is; the border is 0."""
+    out = []
+    for m, image_size in zip(masks, image_sizes, strict=True):
+        m = m if isinstance(m, Image.Image) else Image.fromarray((np.asarray(m) > 0).astype(np.uint8) * 255)
+        m = ImageOps.exif_transpose(m).convert("L")
+        a = np.asarray(m if m.size == tuple(image_size) else m.resize(image_size, Image.Resampling.NEAREST)) > 127
+        out.append(fit_array(a.astype(np.uint8), size, Image.Resampling.NEAREST, pad="constant") > 0)
+    return torch.from_numpy(np.stack(out))
+
+
+def fit_array(a: np.ndarray, size: tuple[int, int], resample, pad: str = "reflect") -> np.ndarray:
+    """An H x W (x C) uint8 array resized into its :func:`fit_box` in ``size`` and padded (``pad``) around it."""
+    h, w = a.shape[:2]
+    left, top, fw, fh = fit_box(w, h, size)
+    if (fw, fh) != (w, h):
+        a = np.asarray(Image.fromarray(a).resize((fw, fh), resample))
+    widths = [(top, size[1] - fh - top), (left, size[0] - fw - left)] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, widths, mode=pad) if any(map(any, widths)) else a
+
+
+def unfit(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+    """An H x W (x C) uint8 array at an edit size -> the image's box in it, resized to ``size`` (width, height)."""
+    left, top, fw, fh = fit_box(*size, (a.shape[1], a.shape[0]))
+    box = a[top : top + fh, left : left + fw]
+    return box if (fw, fh) == tuple(size) else np.asarray(Image.fromarray(box).resize(tuple(size), resample))
+
+
+def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
+    """images in [-1, 1] -> B x H x W x 3 uint8."""
+    return ((images_BCHW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+SOURCE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def source_bytes(data: bytes, rgb: Image.Image) -> bytes:
+    """The bytes that store the image an edit was made from: the input's own when they decode to ``rgb`` as they
+    are (8-bit RGB JPEG, PNG or WebP, one frame, upright), else ``rgb`` as a PNG (greyscale, alpha, 16-bit,
+    EXIF-rotated, other formats)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            as_is = (im.format in SOURCE_FORMATS and im.mode == "RGB" and getattr(im, "n_frames", 1) == 1
+                     and im.getexif().get(0x0112, 1) == 1 and im.size == rgb.size)
+    except Exception:  # the caller decoded it already; a second look that fails just means: re-encode
+        as_is = False
+    if as_is:
+        return data
+    buf = io.BytesIO()
+    rgb.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()

@@ -85,6 +85,11 @@ class DiffEditModel:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
+    def size_multiple(self) -> int:
+        """What each side of an edit size must be a multiple of: the VAE's factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 

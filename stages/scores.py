@@ -7,8 +7,9 @@
   InstructPix2Pix kept pairs with directional >= 0.2 and image >= 0.7.
 - ``clip_image``: CLIP cosine of the source and edited images.
 - ``lpips``: LPIPS distance (Zhang et al., CVPR 2018) of source and edit, through the ``lpips`` package.
-- ``psnr_bg`` / ``ssim_bg``: outside the mask (what DiffEdit promises to keep); ``psnr_fg`` / ``ssim_fg``
-  inside it. SSIM is Wang et al. 2004's map (11-tap Gaussian window, sigma 1.5, K1 0.01, K2 0.03, as
+- ``psnr_bg`` / ``ssim_bg``: outside the mask given (what DiffEdit promises to keep); ``psnr_fg`` / ``ssim_fg``
+  inside it. The job gives the edit region (the mask and its feathered band, ``stages.composite.edit_region``)
+  and the composited edit, so with ``--composite mask`` the background scores are exact: +inf and 1 for PNG. SSIM is Wang et al. 2004's map (11-tap Gaussian window, sigma 1.5, K1 0.01, K2 0.03, as
   scikit-image's ``gaussian_weights=True, use_sample_covariance=False``), averaged over the region's pixels.
 - ``mask_fraction``: the share of pixels inside the mask.
 

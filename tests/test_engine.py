@@ -92,7 +92,9 @@ def test_odd_sizes_and_modes_come_back_at_their_own_size(tiny_model):
     for image, result in zip([rgb, gray, rgba, tall], results):
         assert result.image.size == image.size and result.image.mode == "RGB"
         assert result.mask.size == image.size and result.mask.mode == "L"
-        assert result.soft_map.shape == (16, 16) and 0 <= result.soft_map.min() <= result.soft_map.max() <= 1
+        f = tiny_model.vae_scale_factor
+        assert result.soft_map.shape == (result.edit_size[1] // f, result.edit_size[0] // f)
+        assert 0 <= result.soft_map.min() <= result.soft_map.max() <= 1
 
 
 def test_user_mask_skips_inference(tiny_model):
