@@ -79,10 +79,12 @@ def plan_job(job: JobConfig, log) -> Plan:
     spec = PromptSpec.load(job.input.prompts)
     probe = describe_model(model_path)  # recommended defaults + fingerprint, from the files
     edit = EditConfig.from_flat(probe["recommended"], **job.edit)
+    sizes = _edit_sizes(edit, probe)
     sampling = job.sampling
     run = dict(
         serialise(job, edit), inputs=list(job.inputs), model=probe["source"], model_fingerprint=probe["fingerprint"],
-        model_recommended=probe["recommended"], resolution=probe["resolution"], prompts_digest=spec.digest(),
+        model_recommended=probe["recommended"], resolution=probe["resolution"], edit_sizes=sizes,
+        prompts_digest=spec.digest(),
         scorers=_describe_scorers(job, log), shards=len(shards), versions=_versions(), schema_version=SCHEMA_VERSION,
         shards_digest=hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16],
         best_rule=f"{check_best_by(sampling.best_by)} {sampling.best_by} is better (ties: the lowest sample_index); "
@@ -90,6 +92,17 @@ def plan_job(job: JobConfig, log) -> Plan:
     )
     run["identity"] = identity(run)
     return Plan(job, shards, spec, edit, str(model_path), run)
+
+
+def _edit_sizes(edit: EditConfig, probe: dict) -> list[str]:
+    """The sizes the model will edit at ("WxH"): the forced --resolution (checked against the model), else the
+    aspect-ratio buckets of its pixel budget (stages/images.py)."""
+    from ..stages.images import buckets, check_size
+
+    forced = edit.frame.forced_size
+    if forced is not None:
+        check_size(forced, probe["size_multiple"])
+    return [f"{w}x{h}" for w, h in ([forced] if forced else buckets(probe["resolution"], probe["size_multiple"]))]
 
 
 def _describe_scorers(job: JobConfig, log) -> dict | None:

@@ -23,7 +23,7 @@ from .config import EditConfig
 from .decode import masked_ddim_decode
 from .encode import Trajectory, ddim_encode, noise_encode
 from .composite import changed_outside, composite, edit_region
-from .images import RESAMPLE, bucket_size, fit_images, fit_masks, to_rgb, to_uint8, unfit
+from .images import RESAMPLE, bucket_size, check_size, fit_images, fit_masks, to_rgb, to_uint8, unfit
 from .mask import infer_mask, latent_mask_from_image
 from .model import DiffEditModel, load_model
 from .randomness import edit_seed, per_image_noise
@@ -177,10 +177,8 @@ def edit_size(model: DiffEditModel, width: int, height: int, frame) -> tuple[int
 
 def check_frame(model: DiffEditModel, frame) -> None:
     """Raise ValueError unless a forced ``--resolution`` suits the model (each side a multiple of its need)."""
-    m, size = model.size_multiple, frame.forced_size
-    if size is not None and (size[0] % m or size[1] % m):
-        raise ValueError(f"`resolution` {frame.resolution} does not suit this model: each side must be a multiple "
-                         f"of {m} px (its VAE and UNet downsample by {m}).")
+    if frame.forced_size is not None:
+        check_size(frame.forced_size, model.size_multiple)
 
 
 def edit_images(model: DiffEditModel, images: list[Image.Image], source_prompts: list[str], target_prompts: list[str],

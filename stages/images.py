@@ -74,6 +74,13 @@ def buckets(resolution: int, multiple: int) -> list[tuple[int, int]]:
     return sorted(out, key=lambda wh: (abs(math.log(wh[0] / wh[1])), wh))
 
 
+def check_size(size: tuple[int, int], multiple: int) -> None:
+    """Raise ValueError unless each side of an edit ``size`` (a forced ``--resolution``) is a multiple of ``multiple``."""
+    if size[0] % multiple or size[1] % multiple:
+        raise ValueError(f"`resolution` {size[0]}x{size[1]} does not suit this model: each side must be a multiple "
+                         f"of {multiple} px (its VAE and UNet downsample by {multiple}).")
+
+
 def fit_box(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """(left, top, fitted width, fitted height): where an image of ``width`` x ``height`` lies in an edit of
     ``size`` when resized to fit it with its aspect ratio kept, centred."""

@@ -83,7 +83,8 @@ def is_hub_id(model: str | Path) -> bool:
 
 
 def describe_model(model: str | Path) -> dict:
-    """What the job's driver needs without loading weights: resolution, recommended defaults, fingerprint.
+    """What the job's driver needs without loading weights: resolution and size multiple, recommended defaults,
+    fingerprint.
 
     The fingerprint is a sha256 over the model's weight and config files (FINGERPRINTED_SUFFIXES): over their
     bytes for a local folder (fast even at SD scale); over the hub's own hashes of them for a hub id, which
@@ -103,7 +104,7 @@ def describe_model(model: str | Path) -> dict:
     recommended_file = path / RECOMMENDED_DEFAULTS_FILE
     return dict(
         source=str(path.resolve()),
-        resolution=_resolution(config("unet/config.json"), config("vae/config.json")),
+        **_geometry(config("unet/config.json"), config("vae/config.json")),
         recommended=json.loads(recommended_file.read_text()) if recommended_file.is_file() else {},
         fingerprint=h.hexdigest(),
     )
@@ -117,7 +118,7 @@ def _describe_hub_model(repo_id: str) -> dict:
     try:
         info = HfApi().model_info(repo_id, files_metadata=True)
         config = lambda name: json.loads(Path(hf_hub_download(repo_id, name, revision=info.sha)).read_text())  # noqa: E731
-        resolution = _resolution(config("unet/config.json"), config("vae/config.json"))
+        geometry = _geometry(config("unet/config.json"), config("vae/config.json"))
     except (OSError, ValueError) as exc:  # the hub's HTTP, offline-mode and invalid-id errors
         raise ModelLoadError(f"Could not describe the model hub id {repo_id!r}: {exc} (no local folder {repo_id} "
                              "exists, and a hub id needs network access).") from exc
@@ -125,12 +126,15 @@ def _describe_hub_model(repo_id: str) -> dict:
     for f in sorted(info.siblings, key=lambda f: f.rfilename):
         if Path(f.rfilename).suffix in FINGERPRINTED_SUFFIXES:
             h.update(f"{f.rfilename}:{f.lfs.sha256 if f.lfs else f.blob_id}".encode())
-    return dict(source=repo_id, resolution=resolution, recommended={}, fingerprint=h.hexdigest())
+    return dict(source=repo_id, **geometry, recommended={}, fingerprint=h.hexdigest())
 
 
-def _resolution(unet_config: dict, vae_config: dict) -> int:
-    """The UNet's training image size from the configs alone (as :attr:`DiffEditModel.resolution`)."""
-    return int(unet_config.get("sample_size", 64)) * 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+def _geometry(unet_config: dict, vae_config: dict) -> dict:
+    """The UNet's training image size and what each side of an edit size must be a multiple of, from the configs
+    alone (as :attr:`DiffEditModel.resolution` and :attr:`DiffEditModel.size_multiple`)."""
+    vae_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    unet_factor = 2 ** (len(unet_config.get("block_out_channels", [0] * 4)) - 1)
+    return dict(resolution=int(unet_config.get("sample_size", 64)) * vae_factor, size_multiple=vae_factor * unet_factor)
 
 
 # -- the scorers -------------------------------------------------------------------------------------------------
