@@ -5,6 +5,7 @@ Three sources, from a YAML/JSON file (``--prompts``) or a table:
     rules:                       # substitutions in the caption
       - from: dog                # whole word, case-preserving, simple plurals (dog/dogs)
         to: [cat, fox]           # one edit per target
+        count: 1                 # the first n matches, in caption order (default 1), or `all`
     labels:                      # classified datasets (the sample's `cls`)
       names: {0: cat, 1: dog}    # class id -> name (or a list)
       targets: [fox, horse]      # edit every image to these classes (default: every other class)
@@ -12,6 +13,12 @@ Three sources, from a YAML/JSON file (``--prompts``) or a table:
 
 or, alone, ``table: pairs.parquet``: explicit pairs (Parquet/CSV/JSONL: key, source_prompt, target_prompt; a
 key on several rows has several edits), also given directly as ``--prompts pairs.parquet``.
+
+By default (``count: 1``) a rule replaces its first match only: one edit changes one object
+("a green square, a purple square" -> "a green circle, a purple square"), so DiffEdit's mask localises one
+object, which is what a counterfactual pair wants. ``count: n`` replaces the first n matches (singular and
+plural forms alike), ``count: all`` every occurrence. Rules never chain: each one rewrites the caption on its
+own (one edit per rule and target), and its count counts its own matches.
 
 The source prompt is the caption itself (the paper found the caption beats an empty reference text). A
 sample that no rule matches yields one ``skipped`` row, never silence; ``skip_reason`` says why.
@@ -34,6 +41,7 @@ import hashlib
 import json
 import re
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +62,9 @@ TABLE_COLUMNS = ("key", "source_prompt", "target_prompt")
 MAX_FILE_BYTES = 64 * 2**20  # a YAML/JSON prompts file; a real one is kilobytes
 MAX_ENTRIES = 100_000  # rules + their targets + class names + label targets, in all
 # Bumped when the same spec would give other prompts (digest() then changes). 2: a/an agreement.
-PROMPTS_VERSION = 2
+# 3: a rule replaces its first match only (`count`, default 1); before, every occurrence.
+PROMPTS_VERSION = 3
+DEFAULT_COUNT = 1  # a rule's `count`; None in a Rule (`count: all` in a file): every occurrence
 
 # Skip reasons (the `error` of a skipped row).
 NOT_IN_TABLE = "key not in the pair table"
@@ -117,6 +127,7 @@ def _agree(article: str, word: str, shown: str) -> str:
 class Rule:
     source: str
     targets: list[str]
+    count: int | None = DEFAULT_COUNT  # the first n matches, in caption order; None: all
 
     def __post_init__(self):
         forms = sorted({self.source, _plural(self.source)}, key=len, reverse=True)
@@ -125,7 +136,7 @@ class Rule:
         self.pattern = re.compile(r"(?:\b(an?)(\s+))?\b(" + words + r")\b", re.IGNORECASE)
 
     def apply(self, caption: str) -> list[str]:
-        """One rewritten caption per target, or [] when the word does not occur."""
+        """One rewritten caption per target (its first ``count`` matches replaced); [] if the word is absent."""
         if not self.pattern.search(caption):
             return []
         out = []
@@ -136,7 +147,7 @@ class Rule:
                 new = _match_case(found, _plural(target) if plural else target)
                 return (_agree(article, target, new) + space if article else "") + new
 
-            out.append(self.pattern.sub(swap, caption))
+            out.append(self.pattern.sub(swap, caption, count=min(self.count or 0, sys.maxsize)))  # 0: all
         return out
 
 
@@ -223,7 +234,8 @@ class PromptSpec:
         """sha256 (16 hex digits) of the loaded spec: rules, labels, template and every row of the table, so
         that a change to a table that a YAML file points to is a change of the prompts."""
         h = hashlib.sha256()
-        head = {"version": PROMPTS_VERSION, "rules": [[r.source, r.targets] for r in self.rules],
+        rules = [[r.source, r.targets, "all" if r.count is None else r.count] for r in self.rules]
+        head = {"version": PROMPTS_VERSION, "rules": rules,
                 "names": list(self.label_names.items()), "targets": self.label_targets, "template": self.template,
                 "table": self.table is not None}
         h.update(json.dumps(head, sort_keys=True, ensure_ascii=False).encode())
@@ -375,11 +387,20 @@ class _Checker:
         out = []
         for i, r in enumerate(rules):
             where = f"rule {i}"
-            self.mapping(r, where, ("from", "to"))
+            self.mapping(r, where, ("from", "to", "count"))
             if "from" not in r or "to" not in r:
                 self.fail(where, f"must have `from` and `to`, got keys {', '.join(map(_show, r)) or 'none'}.")
-            out.append(Rule(self.text(r["from"], f"{where} `from`"), self.texts(r["to"], f"{where} `to`")))
+            out.append(Rule(self.text(r["from"], f"{where} `from`"), self.texts(r["to"], f"{where} `to`"),
+                            self.rule_count(r.get("count", DEFAULT_COUNT), f"{where} `count`")))
         return out
+
+    def rule_count(self, value, where: str) -> int | None:
+        """A positive integer (the first n matches) or `all` (None); nothing else, not even True or 1.0."""
+        if isinstance(value, str) and value == "all":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(where, f"must be a positive integer (the first n matches) or all, got {_show(value)}.")
+        return value
 
     def labels(self, labels, out: PromptSpec):
         self.mapping(labels, "`labels`", ("names", "targets", "template"))

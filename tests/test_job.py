@@ -11,6 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from diffedit.manifests.schema import SCHEMA_VERSION
 from diffedit.manifests.store import OutputStore, ParameterMismatch, schema_version
 from diffedit.pipelines.cli import main as cli_main
 from diffedit.pipelines.config import JobConfig
@@ -91,7 +92,7 @@ def test_end_to_end_rows_and_sizes(first, shards):
         assert mask.size == size and mask.mode == "L"
         assert (row.width, row.height) == size and 0 <= row.mask_fraction <= 1
     part = next((Path(out) / "manifest").glob("part-*.parquet"))
-    assert schema_version(part) == "3"
+    assert schema_version(part) == SCHEMA_VERSION
     run = OutputStore(out).read_run()
     assert run["completed"] and run["edit"]["steps"] == 4 and len(run["model_fingerprint"]) == 64
 

@@ -1,6 +1,7 @@
 """Prompt pairs: substitution rules, label templates, pair tables (no Ray, no model)."""
 
 import json
+import re
 import time
 
 import pandas as pd
@@ -21,7 +22,8 @@ RULES = {"rules": [{"from": "dog", "to": ["cat", "fox"]}, {"from": "red", "to": 
 
 def test_rules_whole_word_case_preserving_plurals_one_edit_per_target():
     spec = PromptSpec.from_dict(RULES)
-    assert targets(spec, "A Dog and two dogs") == ["A Cat and two cats", "A Fox and two foxes"]
+    assert targets(spec, "A Dog and two dogs") == ["A Cat and two dogs", "A Fox and two dogs"]  # count 1
+    assert targets(spec, "two dogs") == ["two cats", "two foxes"]
     assert targets(spec, "DOG") == ["CAT", "FOX"]
     assert targets(spec, "Puppies play") == ["Kittens play"]
     assert targets(spec, "hotdog stand") == []  # whole words only
@@ -197,3 +199,112 @@ def test_digest_follows_the_table(tmp_path):
     (tmp_path / "pairs.csv").write_text("key,source_prompt,target_prompt\na,x,z\n")
     assert PromptSpec.load(tmp_path / "p.yaml").digest() != before
     assert PromptSpec.from_dict(RULES).digest() != PromptSpec.default().digest()
+
+
+# `count`: how many matches a rule replaces, in caption order (default 1: one edit changes one object).
+def rule(count=None, source="square", to="circle"):
+    return PromptSpec.from_dict({"rules": [{"from": source, "to": to, **({} if count is None else {"count": count})}]})
+
+
+def test_count_defaults_to_the_first_match():
+    assert targets(rule(), "a green square, a purple square") == ["a green circle, a purple square"]
+    assert prompts.Rule("square", ["circle"]).count == 1
+    assert targets(PromptSpec.default(), "a red circle and a red square") == [
+        "a blue circle and a red square", "a red square and a red square", "a red circle and a red circle"]
+
+
+def test_count_all_and_count_n():
+    caption = "a square, two squares and a Square"
+    assert targets(rule("all"), caption) == ["a circle, two circles and a Circle"]
+    assert targets(rule(2), caption) == ["a circle, two circles and a Square"]
+    assert targets(rule(1), caption) == ["a circle, two squares and a Square"]
+    assert targets(rule(3), caption) == targets(rule(10**30), caption) == targets(rule("all"), caption)
+
+
+def test_count_counts_plurals_in_caption_order():
+    assert targets(rule(source="dog", to=["cat", "fox"]), "two dogs and a dog") == ["two cats and a dog",
+                                                                                    "two foxes and a dog"]
+    assert targets(rule(2, source="dog", to="cat"), "a dog, two dogs, three dogs") == ["a cat, two cats, three dogs"]
+
+
+def test_count_changes_only_the_articles_of_replaced_words():
+    caption = "a red circle and a red square"
+    assert targets(rule(source="red", to="orange"), caption) == ["an orange circle and a red square"]
+    assert targets(rule("all", source="red", to="orange"), caption) == ["an orange circle and an orange square"]
+    assert targets(rule(source="red", to="orange"), "A red circle and a red square") == [
+        "An orange circle and a red square"]
+
+
+def test_several_rules_each_rewrite_the_caption_with_their_own_count():
+    spec = PromptSpec.from_dict({"rules": [{"from": "red", "to": "orange"},
+                                           {"from": "circle", "to": "egg", "count": "all"}]})
+    assert targets(spec, "a circle and a red circle") == ["a circle and an orange circle", "an egg and a red egg"]
+
+
+COUNT_ERRORS = [(True, "True"), (False, "False"), (0, "0"), (-1, "-1"), (1.0, "1.0"), (2.5, "2.5"), ("All", "'All'"),
+                ("1", "'1'"), ("", "''"), (None, "None"), ([2], "a list of 1"), ({}, "a mapping of 0")]
+
+
+@pytest.mark.parametrize("count, shown", COUNT_ERRORS)
+def test_bad_count_is_refused_naming_the_rule(count, shown):
+    with pytest.raises(ValueError) as e:
+        PromptSpec.from_dict({"rules": [{"from": "dog", "to": "cat"}, {"from": "red", "to": "blue", "count": count}]})
+    assert str(e.value) == (f"Prompt spec: rule 1 `count`: must be a positive integer (the first n matches) or all, "
+                            f"got {shown}.")
+
+
+def test_bad_count_in_a_yaml_file_and_unknown_rule_key(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("rules: [{from: dog, to: cat, count: yes}]\n")
+    with pytest.raises(ValueError) as e:
+        PromptSpec.load(path)
+    assert str(e.value) == (f"Prompts file {path}: rule 0 `count`: must be a positive integer (the first n matches) "
+                            f"or all, got True.")
+    with pytest.raises(ValueError) as e:
+        PromptSpec.from_dict({"rules": [{"from": "dog", "to": "cat", "counts": 2}]})
+    assert str(e.value) == "Prompt spec: rule 0: unknown key 'counts'; expected from, to, count."
+    path.write_text("rules: [{from: dog, to: cat, count: all}, {from: red, to: blue, count: 2}]\n")
+    assert [r.count for r in PromptSpec.load(path).rules] == [None, 2]
+
+
+def test_digest_covers_count_and_version(monkeypatch):
+    digests = {c: rule(c).digest() for c in (None, 1, 2, "all")}
+    assert digests[None] == digests[1]  # the default, written or not
+    assert len({digests[1], digests[2], digests["all"]}) == 3
+    monkeypatch.setattr(prompts, "PROMPTS_VERSION", 2)
+    assert rule().digest() != digests[1]
+
+
+def cased(article: str, word: str) -> str:
+    """``word`` (a lowercase article) written like ``article``."""
+    if article.isupper() and len(article) > 1:
+        return word.upper()
+    return word.capitalize() if article[0].isupper() else word
+
+
+# Grammar: the default colour and shape rules never write "a orange" or "an diver".
+@pytest.mark.parametrize("article", ["a", "an", "A", "An", "AN"])
+def test_default_rules_keep_every_article_right(article):
+    bad = re.compile(r"\b(a\s+[aeiou]|an\s+[b-df-hj-np-tv-z])", re.IGNORECASE)
+    for r in prompts.DEFAULT_RULES:
+        for target in r["to"]:
+            want = cased(article, "an" if target[0] in "aeiou" else "a")
+            caption = f"{article} {r['from']} and {article} {r['from']}"
+            assert targets(rule(None, r["from"], target), caption) == [f"{want} {target} and {article} {r['from']}"]
+            out = targets(rule("all", r["from"], target), caption)
+            assert out == [f"{want} {target} and {want} {target}"] and not bad.search(out[0])
+
+
+@pytest.mark.parametrize("caption, source, target, want", [
+    ("a photo of an astronaut", "astronaut", "diver", "a photo of a diver"),
+    ("A photo of An astronaut", "astronaut", "diver", "A photo of A diver"),
+    ("AN ASTRONAUT", "astronaut", "diver", "A DIVER"),
+    ("An Astronaut", "astronaut", "diver", "A Diver"),
+    ("a photo of a diver", "diver", "astronaut", "a photo of an astronaut"),
+    ("A diver", "diver", "astronaut", "An astronaut"),
+    ("A DIVER", "diver", "astronaut", "AN ASTRONAUT"),
+    ("A red circle", "red", "orange", "An orange circle"),
+    ("an orange circle", "orange", "red", "a red circle"),
+])
+def test_articles_agree_in_any_case(caption, source, target, want):
+    assert targets(rule(None, source, target), caption) == [want]
