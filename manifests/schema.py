@@ -41,6 +41,7 @@ SCHEMA = pa.schema(
         ("edit_width", pa.int32()),  # the size the model edited at (stages.images.bucket_size, or --resolution)
         ("edit_height", pa.int32()),
         ("composite", pa.string()),  # "mask": the source outside the edit region; "none": the whole decode
+        ("feather", pa.int32()),  # the width in pixels of the band around the mask (the edit region: stages/composite)
         ("bg_changed_pixels", pa.int64()),  # pixels outside the edit region that differ from source_image
         ("input_json", pa.string()),  # the input sample's json member (a JSON object as text), if it had one
         ("source_image", pa.binary()),  # the image the edit was made from (ok rows): stages.images.source_bytes

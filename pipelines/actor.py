@@ -200,7 +200,8 @@ class EditActor:
                 r.update({name: values[i] for name, values in scores.items()})
         for r, e in zip(rows, edits):
             r.update(status="ok", error=None, mask_inferred=e.inferred, edit_width=e.edit_size[0],
-                     edit_height=e.edit_size[1], composite=self.edit.frame.composite, source_image=r["_source"],
+                     edit_height=e.edit_size[1], composite=self.edit.frame.composite, feather=e.feather,
+                     source_image=r["_source"],
                      **_images(e, r["_pil"], self.output))
             if e.latents is not None:
                 r.update(latents=e.latents.flatten().numpy(), latents_shape=list(e.latents.shape))

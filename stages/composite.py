@@ -17,8 +17,6 @@ inside the edit region's bounding box only, so a small edit in a large photo cos
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 def _box(mask_HW: np.ndarray, feather: int) -> tuple[slice, slice] | None:
@@ -32,13 +30,11 @@ def _box(mask_HW: np.ndarray, feather: int) -> tuple[slice, slice] | None:
 
 
 def _alpha_in(mask_hw: np.ndarray, feather: int) -> np.ndarray:
-    """``alpha`` over a crop: the mean of the mask dilated by 0..feather pixels (a 3 x 3 max-pool each)."""
-    m = torch.from_numpy(mask_hw).float()[None, None]
-    total = m.clone()
-    for _ in range(feather):
-        m = F.max_pool2d(m, 3, stride=1, padding=1)
-        total += m
-    return (total / (feather + 1))[0, 0].numpy()
+    """``alpha`` over a crop that holds the mask grown by ``feather`` (chessboard distance transform)."""
+    from scipy.ndimage import distance_transform_cdt
+
+    d = distance_transform_cdt(~mask_hw, metric="chessboard")
+    return np.clip((feather + 1 - d) / (feather + 1), 0, 1).astype(np.float32)
 
 
 def feather_alpha(mask_HW: np.ndarray, feather: int) -> np.ndarray:

@@ -99,6 +99,7 @@ class DecodeConfig:
 # --resolution: "auto", or a forced edit size "N" (N x N) or "WxH", each side a positive integer.
 _SIZE = re.compile(r"^(?:auto|[1-9][0-9]{0,5}(?:x[1-9][0-9]{0,5})?)$")
 COMPOSITES = ("mask", "none")
+MAX_FEATHER = 1024
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,25 @@ class FrameConfig:
     composite: str = option("mask", "mask: the source image, at its own resolution, outside the edit mask and its "
                                     "feathered band; none: the whole decoded image (every pixel redrawn)",
                             choices=COMPOSITES)
-    feather: int = option(4, "width in pixels (at the image's resolution) of the band outside the mask over which "
-                             "the edit fades into the source (--composite mask)")
+    # None: two latent cells, in the image's pixels (16 px for a 512 x 512 image on Stable Diffusion): the mask is
+    # drawn on the latent grid and the decoder draws an object up to about a cell past it (docs/QUALITY.md).
+    feather: int | None = option(None, "width in pixels (at the image's resolution) of the band outside the mask over "
+                                       "which the edit fades into the source (default: two latent cells, e.g. 16 px "
+                                       "for a 512 x 512 image on Stable Diffusion)")
 
     def __post_init__(self):
         check(isinstance(self.resolution, str) and bool(_SIZE.match(self.resolution)),
               f"`resolution` must be auto, N or WxH (e.g. 512 or 768x512) but is {self.resolution!r}.")
         check(self.composite in COMPOSITES, f"`composite` must be mask or none but is {self.composite!r}.")
-        check(isinstance(self.feather, int) and 0 <= self.feather <= 256,
-              f"`feather` must be an integer from 0 to 256 (pixels) but is {self.feather!r}.")
+        check(self.feather is None or (isinstance(self.feather, int) and 0 <= self.feather <= MAX_FEATHER),
+              f"`feather` must be an integer from 0 to {MAX_FEATHER} (pixels) but is {self.feather!r}.")
+
+    def feather_px(self, image_width: int, fitted_width: int, cell: int) -> int:
+        """The band's width in the image's pixels: ``feather``, else two latent cells of ``cell`` edit-size pixels
+        seen at the image's scale (the image is ``fitted_width`` wide in the edit)."""
+        if self.feather is not None:
+            return self.feather
+        return min(MAX_FEATHER, max(1, round(2 * cell * image_width / fitted_width)))
 
     @property
     def forced_size(self) -> tuple[int, int] | None:

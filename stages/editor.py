@@ -23,7 +23,7 @@ from .config import EditConfig
 from .decode import masked_ddim_decode
 from .encode import Trajectory, ddim_encode, noise_encode
 from .composite import changed_outside, composite, edit_region
-from .images import RESAMPLE, bucket_size, check_size, fit_images, fit_masks, to_rgb, to_uint8, unfit
+from .images import RESAMPLE, bucket_size, check_size, fit_box, fit_images, fit_masks, to_rgb, to_uint8, unfit
 from .mask import infer_mask, latent_mask_from_image
 from .model import DiffEditModel, load_model
 from .randomness import edit_seed, per_image_noise
@@ -163,6 +163,7 @@ class ImageEdit:
     mask: np.ndarray  # H x W bool: the mask at the image's resolution
     region: np.ndarray  # H x W bool: the mask and its feathered band (stages.composite.edit_region)
     edit_size: tuple[int, int]  # (width, height) the model edited at
+    feather: int  # the band's width in the image's pixels (FrameConfig.feather_px)
     bg_changed_pixels: int  # pixels outside ``region`` that differ from the source (0 with composite "mask")
     inferred: bool  # False where the user supplied the mask
     soft_hw: np.ndarray  # float32 h x w at latent resolution, in [0, 1]
@@ -232,9 +233,10 @@ def _back(rgb: Image.Image, decoded: np.ndarray, mask_hw: np.ndarray, soft_hw: n
     mask = unfit(mask_px, rgb.size, Image.Resampling.NEAREST) > 0
     edit = unfit(decoded, rgb.size, RESAMPLE)
     frame = config.frame
-    region = edit_region(mask, frame.feather)
-    image = composite(source, edit, mask, frame.feather) if frame.composite == "mask" else edit
-    return ImageEdit(image=image, mask=mask, region=region, edit_size=size,
+    feather = frame.feather_px(rgb.width, fit_box(*rgb.size, size)[2], cell)
+    region = edit_region(mask, feather)
+    image = composite(source, edit, mask, feather) if frame.composite == "mask" else edit
+    return ImageEdit(image=image, mask=mask, region=region, edit_size=size, feather=feather,
                      bg_changed_pixels=changed_outside(source, image, region), inferred=inferred, soft_hw=soft_hw,
                      mask_hw=mask_hw, latents=latents)
 
@@ -254,6 +256,7 @@ class EditResult:
     source_prompt: str
     target_prompt: str
     edit_size: tuple[int, int]  # (width, height) the model edited at
+    feather: int  # the band's width in the image's pixels
     bg_changed_pixels: int  # pixels outside ``region`` that differ from ``source`` (0 with composite "mask")
     latents: torch.Tensor | None = None  # edited latents C x h x w (with keep_latents=True)
 
@@ -316,7 +319,7 @@ class DiffEditor:
 def _result(image: Image.Image, e: ImageEdit, seed: int, source_prompt: str, target_prompt: str) -> EditResult:
     return EditResult(image=Image.fromarray(e.image), source=to_rgb(image), mask=Image.fromarray(e.mask.astype(np.uint8) * 255, "L"),
                       region=e.region, soft_map=e.soft_hw, mask_latent=e.mask_hw, mask_inferred=e.inferred, seed=seed,
-                      source_prompt=source_prompt, target_prompt=target_prompt, edit_size=e.edit_size,
+                      source_prompt=source_prompt, target_prompt=target_prompt, edit_size=e.edit_size, feather=e.feather,
                       bg_changed_pixels=e.bg_changed_pixels, latents=e.latents)
 
 

@@ -118,7 +118,11 @@ def test_a_wide_image_is_edited_at_a_wide_size_and_composited(tiny_model):
     assert result.image.size == wide.size and result.source.size == wide.size
     a, s = np.asarray(result.image), np.asarray(wide)
     assert np.array_equal(a[~result.region], s[~result.region]) and result.bg_changed_pixels == 0
-    assert np.array_equal(result.region, edit_region(np.asarray(result.mask) > 0, FAST.frame.feather))
+    assert np.array_equal(result.region, edit_region(np.asarray(result.mask) > 0, result.feather))
+    f = tiny_model.vae_scale_factor  # the default band: two latent cells at the image's scale
+    assert result.feather == round(2 * f * wide.width / fit_box(*wide.size, result.edit_size)[2])
+    fixed = DiffEditor(tiny_model, FAST.replace(feather=3)).edit([wide], "a red circle", "a blue circle", keys=["w"])[0]
+    assert fixed.feather == 3 and np.array_equal(fixed.region, edit_region(np.asarray(fixed.mask) > 0, 3))
 
     whole = DiffEditor(tiny_model, FAST.replace(composite="none")).edit([wide], "a red circle", "a blue circle",
                                                                          keys=["w"])[0]
@@ -224,11 +228,12 @@ def test_photographs_come_back_at_their_size_with_the_source_outside_the_band(ph
     ok = df[df.status == "ok"]
     assert len(ok) == len(PHOTOS)
     assert run["edit"]["composite"] == "mask" and (ok.composite == "mask").all()
+    assert run["edit"]["feather"] is None and (ok.feather >= 8).all()  # two latent cells of 4 px, or more
     for r in ok.itertuples():
         source, edit = _decode(r.source_image), _decode(r.edited_png)
         mask = np.asarray(Image.open(io.BytesIO(r.mask_png))) > 0
         assert source.shape == edit.shape == (r.height, r.width, 3) and mask.shape == (r.height, r.width)
-        region = edit_region(mask, run["edit"]["feather"])
+        region = edit_region(mask, r.feather)
         assert np.array_equal(edit[~region], source[~region]) and r.bg_changed_pixels == 0
         assert np.sign(r.edit_width - r.edit_height) in (0, np.sign(r.width - r.height))  # never the other way
         assert r.mask_fraction == pytest.approx(mask.mean(), abs=1e-6)
@@ -250,10 +255,9 @@ def test_jpeg_output_changes_the_background_only_by_its_rounding(photo_shards, t
     from diffedit.stages.scores import region_psnr
 
     df = _run(photo_shards, tmp_path / "jpg", "--image-format", "jpeg")
-    run = json.loads((tmp_path / "jpg" / "run.json").read_text())
     for r in df[df.status == "ok"].itertuples():
         source, edit = _decode(r.source_image), _decode(r.edited_jpg)
-        region = edit_region(np.asarray(Image.open(io.BytesIO(r.mask_png))) > 0, run["edit"]["feather"])
+        region = edit_region(np.asarray(Image.open(io.BytesIO(r.mask_png))) > 0, r.feather)
         assert r.bg_changed_pixels == changed_outside(source, edit, region)
         a, b = (torch.from_numpy(x.copy()).permute(2, 0, 1)[None] for x in (source, edit))
         assert float(region_psnr(a, b, torch.from_numpy(~region)[None], data_range=255)) > 35
