@@ -20,7 +20,6 @@ from PIL import Image
 
 from diffedit.manifests.store import OutputStore
 from diffedit.shapes import eval as ev
-from diffedit.shapes import scenes
 from diffedit.stages.composite import composite
 from diffedit.stages.model import load_model
 from diffedit.stages.sources import SHIPPED_MODEL

@@ -4,7 +4,7 @@
 
 Reads the ok rows of each job's manifest (the first ``--rows`` of each, in key order) and lays out one line per
 edit: the source (``source_image``), the mask over the source, the edit, each scaled to ``--height`` px with its
-aspect ratio kept, and the prompts under the line. Everything shown is what the job wrote.
+aspect ratio kept, and the target prompt and sizes under the line. Everything shown is what the job wrote.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def _line(row, height: int) -> Image.Image:
     for t in tiles:
         line.paste(t, (x, 0))
         x += t.width + gap
-    caption = (f"{row.source_prompt!s} -> {row.target_prompt!s}   ({row.width}x{row.height}, edited at "
-               f"{row.edit_width}x{row.edit_height})")
+    caption = f"-> {row.target_prompt!s}"
+    caption = (caption if len(caption) <= 60 else caption[:57] + "...") + (
+        f"   ({row.width}x{row.height}, edited at {row.edit_width}x{row.edit_height})")
     ImageDraw.Draw(line).text((2, height + 2), caption, fill="black")
     return line
 

@@ -1,21 +1,27 @@
-"""A self-contained HTML gallery of a manifest: source, mask overlay, edit, prompts, scores, status.
+"""A self-contained HTML gallery of a manifest: source | mask over source | edit, prompts, scores, status.
 
     write_gallery("out/")                       # -> out/gallery.html
     write_gallery("out/manifest/part-0.parquet", "edits.html", page_size=24)
 
 One HTML file with everything inside it (images as data: URIs, inline CSS and JS, no network), so it can
-be mailed or opened from any folder. Images are thumbnails (``thumb`` pixels on the long side); the mask
-is drawn in red over the source image (over the edit when the manifest has no source column). Cards are
-sortable by any score, filterable by status and by a score threshold, and paged, so a page holds
-``page_size`` cards whatever the manifest's size; the view lives in the URL fragment
+be mailed or opened from any folder. Every card shows three images, in this order: the source (the image the
+edit was made from, ``source_image``), the mask drawn in red over that source, and the edit. Images are
+thumbnails (``thumb`` pixels on the long side). A row without a source image (a manifest older than schema
+version 4, a null, unreadable bytes) shows a placeholder that says so in the source's place, and the mask over
+the edit, captioned as such, in the middle. Each card's details give the image's size, the size the model
+edited at where it differs, the composite mode and ``bg_changed_pixels``. Cards are sortable by any score,
+filterable by status and by a score threshold, and paged, so a page holds ``page_size`` cards whatever the
+manifest's size; the view lives in the URL fragment
 (``gallery.html#status=ok&sort=clip_directional&desc=1&col=clip_image&op=%3E%3D&value=0.7&page=2``).
 
-After each render the page writes a JSON summary (cards shown, images decoded, errors caught) into the
-hidden ``#gallery-status`` element, which the tests read from a headless browser.
+After each render the page writes a JSON summary (cards shown, images decoded, each card's figures in order,
+errors caught) into the hidden ``#gallery-status`` element, which the tests read from a headless browser.
 
-Reads the Parquet manifest with pyarrow only; the column names are those of ``schema.py``: ``key``,
-``edit_id``, ``source_prompt``, ``target_prompt``, ``status``, ``error``, ``mask_png``, ``edited_png`` or
-``edited_jpg``, optional ``source_png`` / ``source_jpg``, and the score columns (every floating-point column).
+Reads the Parquet manifest with pyarrow only, a few rows at a time and only the columns it shows; the column
+names are those of ``schema.py``: ``key``, ``edit_id``, ``source_prompt``, ``target_prompt``, ``status``,
+``error``, ``source_image`` (or an older manifest's ``source_png`` / ``source_jpg``), ``mask_png``,
+``edited_png`` or ``edited_jpg``, the details (``width``, ``height``, ``edit_width``, ``edit_height``,
+``composite``, ``bg_changed_pixels``) and the score columns (every floating-point column).
 """
 
 from __future__ import annotations
@@ -38,11 +44,22 @@ from .schema import missing
 from .store import OutputStore
 
 TEXT_COLUMNS = ("key", "edit_id", "source_prompt", "target_prompt", "status", "error")
-IMAGE_COLUMNS = {"edit": ("edited_png", "edited_jpg"), "source": ("source_png", "source_jpg"), "mask": ("mask_png",)}
+# The images of a card, in the card's order, with the columns that may hold each (the first non-null one is
+# shown: a manifest may have both edited_png and edited_jpg, one of them null in each row).
+IMAGE_COLUMNS = {"source": ("source_image", "source_png", "source_jpg"), "mask": ("mask_png",),
+                 "edit": ("edited_png", "edited_jpg")}
+DETAIL_COLUMNS = ("width", "height", "edit_width", "edit_height", "composite", "bg_changed_pixels")
+# pyarrow reads a row group's column chunks whole (a part of the job: one batch of rows), then hands them over in
+# batches of READ_ROWS rows, each copied to Python bytes: memory grows with the largest part's images, never with
+# the number of parts. Measured: parts of 64 rows with 4.2 MB sources (269 MB a part) peaked at 1.1 GB RSS with 8
+# rows a batch, one part or six alike (2.0 and 2.3 GB with 64 rows a batch).
+READ_ROWS = 8
+READ_BUFFER = 1 << 20  # bytes: column chunks are read from the file in pieces of this size (as export.py reads them)
 OVERLAY_RGB = np.array([255, 0, 64], dtype=np.float32)  # the mask's colour, drawn at 50% over the image
-# Cards in one file: with 256-pixel thumbnails a card of a 512-pixel photo takes about 60 KB (measured: 1000
-# cards made 71 MB, which headless chromium opened in about 14 s), so 500 cards keep the page quick to open. A
-# larger manifest is counted in the header and shown in part; `limit=None` shows every row.
+# Cards in one file: with 256-pixel thumbnails a card of a 512-pixel photo (source, mask over source, edit: three
+# JPEGs) takes 57 to 72 KB (measured on scikit-image's chelsea, coffee and astronaut; 1000 cards made 71 MB, which
+# headless chromium opened in about 14 s), so 500 cards keep the page quick to open. A larger manifest is counted
+# in the header and shown in part; `limit=None` shows every row.
 DEFAULT_LIMIT = 500
 
 
@@ -61,12 +78,13 @@ def manifest_files(source: str | Path) -> list[Path]:
 
 
 def _thumbnail(data: bytes | None, thumb: int) -> Image.Image | None:
-    """Decoded and shrunk; None for a missing image. Unreadable bytes raise (PIL's OSError / ValueError)."""
+    """Decoded and shrunk; None for a missing image. Unreadable bytes raise (PIL's OSError / ValueError).
+    ``thumbnail`` runs before the pixels are decoded, so a large JPEG source is decoded at a reduced scale."""
     if data is None:
         return None
     image = Image.open(io.BytesIO(data))
-    image.load()
     image.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
+    image.load()
     return image
 
 
@@ -96,51 +114,71 @@ def _number(value):
     return float(value)
 
 
+def _detail(value):
+    return None if missing(value) else (value if isinstance(value, str) else int(value))
+
+
 def _card(row: dict, score_columns: list[str], image_columns: dict, thumb: int) -> dict:
+    """One card's data: texts, scores, details, and its images as data: URIs by role (``source``, ``mask`` (the
+    mask over the source), ``edit``); ``missing`` says why a role has no image, ``mask_over`` what the mask
+    image is drawn over (``"source"``; ``"edit"`` or ``None``, the bare mask, where the row has no source)."""
     card = {c: (None if row.get(c) is None else str(row[c])) for c in TEXT_COLUMNS}
     card["scores"] = {c: _number(row.get(c)) for c in score_columns}
-    images, problems = {}, []
+    card["details"] = {c: _detail(row.get(c)) for c in DETAIL_COLUMNS}
+    images, problems, why = {}, [], {}
     for role, columns in image_columns.items():
-        # A manifest may have both edited_png and edited_jpg columns, one of them null in each row.
         col = next((c for c in columns if row.get(c) is not None), None)
+        images[role] = None
+        if col is None:
+            why[role] = f"no {role} image" + ("" if columns else " in this manifest")
+            continue
         try:
-            images[role] = _thumbnail(row.get(col), thumb) if col else None
+            images[role] = _thumbnail(row[col], thumb)
         except (OSError, ValueError, SyntaxError) as exc:  # a corrupt image in the manifest: say so on its card
-            images[role] = None
             problems.append(f"{col} unreadable: {exc}")
-    card["images"] = {}
-    card["image_errors"] = problems
-    if images["source"] is not None:
-        card["images"]["source"] = _data_uri(images["source"], "JPEG")
-    if images["mask"] is not None:
-        base = images["source"] or images["edit"]
+            why[role] = f"{role} image unreadable"
+    source, mask, edit = images["source"], images["mask"], images["edit"]
+    uris, card["mask_over"] = {}, None
+    if source is not None:
+        uris["source"] = _data_uri(source, "JPEG")
+    if mask is not None:
+        base = source if source is not None else edit
         if base is not None:
-            card["images"]["mask"] = _data_uri(overlay(base, images["mask"]), "JPEG")
-            card["mask_over"] = "source" if images["source"] is not None else "edit"
+            uris["mask"] = _data_uri(overlay(base, mask), "JPEG")
+            card["mask_over"] = "source" if source is not None else "edit"
         else:
-            card["images"]["mask"] = _data_uri(images["mask"], "PNG")
-            card["mask_over"] = None
-    if images["edit"] is not None:
-        card["images"]["edit"] = _data_uri(images["edit"], "JPEG")
+            uris["mask"] = _data_uri(mask, "PNG")
+    if edit is not None:
+        uris["edit"] = _data_uri(edit, "JPEG")
+    card["images"] = uris
+    card["missing"] = {role: why.get(role, f"no {role} image") for role in IMAGE_COLUMNS if role not in uris}
+    card["image_errors"] = problems
     return card
 
 
 def _rows(files: list[Path], columns: list[str]):
-    """The manifest's rows as dicts, file after file, a few at a time (image bytes stay on disk until needed)."""
+    """The manifest's rows as dicts (only ``columns``), file after file, row group after row group, ``READ_ROWS``
+    at a time: the images of the rows past ``limit`` are never read. A column a file lacks is missing from its
+    rows."""
     for path in files:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, buffer_size=READ_BUFFER)
         present = [c for c in columns if c in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(columns=present, batch_size=64):
-            yield from batch.to_pylist()
+        for group in range(parquet.num_row_groups):
+            for batch in parquet.iter_batches(batch_size=READ_ROWS, row_groups=[group], columns=present):
+                yield from batch.to_pylist()
 
 
 def read_cards(files: list[Path], thumb: int = 256, limit: int | None = DEFAULT_LIMIT) -> tuple[list[dict], dict]:
     """Cards for the first ``limit`` rows of the manifest, and a summary (rows by status, columns)."""
-    schema = pq.read_schema(files[0])
-    names = set(schema.names)
-    score_columns = [f.name for f in schema if pa.types.is_floating(f.type)]
-    image_columns = {role: [c for c in options if c in names] for role, options in IMAGE_COLUMNS.items()}
-    wanted = [c for c in TEXT_COLUMNS if c in names] + score_columns + [c for cs in image_columns.values() for c in cs]
+    # The columns of every file (footers only): a folder of Parquet files may mix older and newer schemas.
+    fields: dict[str, pa.Field] = {}
+    for path in files:
+        for field in pq.read_schema(path):
+            fields.setdefault(field.name, field)
+    score_columns = [name for name, f in fields.items() if pa.types.is_floating(f.type)]
+    image_columns = {role: [c for c in options if c in fields] for role, options in IMAGE_COLUMNS.items()}
+    wanted = ([c for c in TEXT_COLUMNS + DETAIL_COLUMNS if c in fields] + score_columns
+              + [c for cs in image_columns.values() for c in cs])
     # Every row is counted (from the status column alone); images are decoded for the first `limit` rows only.
     counts: dict[str, int] = {}
     total = 0
@@ -214,7 +252,10 @@ PAGE = r"""<!doctype html>
   figure { margin: 0; flex: 1; min-width: 0; text-align: center; }
   figure img { width: 100%; max-width: 256px; image-rendering: auto; background: #e4e4e7; }
   figcaption { font-size: 11px; color: #71717a; }
-  .missing { padding: 30px 0; color: #a1a1aa; background: #fafafa; border: 1px dashed #ddd; }
+  .missing { box-sizing: border-box; width: 100%; max-width: 256px; min-height: 60px; margin: 0 auto; padding: 4px;
+             display: flex; align-items: center; justify-content: center; font-size: 12px;
+             color: #a1a1aa; background: #fafafa; border: 1px dashed #d4d4d8; }
+  .details { font-size: 11px; color: #a1a1aa; margin-top: 2px; }
   table.scores { border-collapse: collapse; margin-top: 4px; font-size: 12px; font-variant-numeric: tabular-nums; }
   table.scores td { padding: 0 10px 0 0; } table.scores td.v { text-align: right; }
   .errmsg { color: #dc2626; white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 12px; }
@@ -266,7 +307,8 @@ PAGE = r"""<!doctype html>
   const parts = Object.entries(summary.by_status).map(([s, n]) => n + " " + s);
   $("summary").textContent = summary.rows + " rows (" + parts.join(", ") + ")" +
     (summary.shown < summary.rows ? "; this page holds the first " + summary.shown : "") +
-    ". Mask in red over the " + (summary.has_source ? "source" : "edit") + ".";
+    ". Each card: source | mask (red) over source | edit." +
+    (summary.has_source ? "" : " This manifest has no source images: the mask is drawn over the edit.");
 
   const state = { status: "all", sort: "", desc: true, col: "", op: ">=", value: "", page: 1 };
   function readHash() {
@@ -302,12 +344,34 @@ PAGE = r"""<!doctype html>
     return rows.map(([c]) => c);
   }
 
-  function figure(uri, caption) {
+  // One of a card's three images (role: source, mask, edit), or a placeholder that says why it has none.
+  function figure(c, role, caption) {
     const f = el("figure");
+    f.dataset.role = role;
+    const uri = c.images[role];
     if (uri) { const img = new Image(); img.alt = caption; img.src = uri; f.append(img); }
-    else f.append(el("div", "missing", "none"));
+    else {
+      const m = el("div", "missing", (c.missing && c.missing[role]) || "no " + role + " image");
+      const w = c.details && c.details.width, h = c.details && c.details.height;
+      if (w > 0 && h > 0) m.style.aspectRatio = w + " / " + h;
+      f.append(m);
+    }
     f.append(el("figcaption", null, caption));
     return f;
+  }
+  function details(c) {
+    const d = c.details || {}, parts = [];
+    if (d.width != null && d.height != null) parts.push(d.width + "\u00d7" + d.height);
+    if (d.edit_width != null && d.edit_height != null && (d.edit_width !== d.width || d.edit_height !== d.height))
+      parts.push("edited at " + d.edit_width + "\u00d7" + d.edit_height);
+    if (d.composite != null) parts.push("composite " + d.composite);
+    if (d.bg_changed_pixels != null) parts.push(d.bg_changed_pixels + " px changed outside the edit region");
+    if (!parts.length) return null;
+    const n = el("div", "details", parts.join("  \u00b7  "));
+    n.title = "image size; the size the model edited at; how the edit was put onto the source " +
+      "(mask: the source outside the edit region, none: the whole decode); pixels outside the edit region that " +
+      "differ from the source (bg_changed_pixels)";
+    return n;
   }
   function cardNode(c) {
     const n = el("article", "card " + (c.status || ""));
@@ -317,9 +381,12 @@ PAGE = r"""<!doctype html>
     const prompts = el("div", "prompts");
     prompts.append(el("span", null, c.source_prompt || ""), el("span", "arrow", "\u2192"), el("b", null, c.target_prompt || ""));
     const images = el("div", "images");
-    if (summary.has_source) images.append(figure(c.images.source, "source"));
-    images.append(figure(c.images.mask, c.mask_over ? "mask over " + c.mask_over : "mask"), figure(c.images.edit, "edit"));
+    const maskCaption = c.mask_over === "edit" ? "mask over edit (no source)"
+      : (c.images.mask && !c.mask_over ? "mask" : "mask over source");
+    images.append(figure(c, "source", "source"), figure(c, "mask", maskCaption), figure(c, "edit", "edit"));
     n.append(head, prompts, images);
+    const info = details(c);
+    if (info) n.append(info);
     if (c.error) n.append(el("div", "errmsg", c.error));
     for (const p of c.image_errors || []) n.append(el("div", "errmsg", p));
     const table = el("table", "scores");
@@ -350,6 +417,12 @@ PAGE = r"""<!doctype html>
         cards: shown.length, matching: rows.length, total: cards.length, rows: summary.rows, page: state.page, pages: pages,
         images: imgs.length, decoded: ok.filter(Boolean).length, widths: imgs.map((i) => i.naturalWidth),
         order: shown.map((c) => c.edit_id), errors: errors.slice(),
+        // Each card's figures in page order: role, caption, the image's naturalWidth (null: a placeholder).
+        figures: Array.from(main.querySelectorAll("article.card")).map((card) => Array.from(card.querySelectorAll("figure")).map((f) => {
+          const img = f.querySelector("img");
+          return { role: f.dataset.role, caption: f.querySelector("figcaption").textContent,
+                   width: img ? img.naturalWidth : null, missing: img ? null : f.querySelector(".missing").textContent };
+        })),
       });
       $("gallery-status").dataset.ready = "1";
     });

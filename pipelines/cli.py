@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -71,15 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output")
     st.set_defaults(func=_status)
 
-    ex = sub.add_parser("export", help="kept edits as WebDataset shards for training")
+    ex = sub.add_parser("export", help="kept edits as training pairs (source, edit, mask, prompts, json)",
+                        description="Write every kept edit as a training pair: WebDataset shards or Parquet files "
+                                    "(README: Export).")
     ex.add_argument("output")
-    ex.add_argument("--to", required=True, help="folder for the shards")
+    ex.add_argument("--to", required=True, help="folder for the shards or files")
+    ex.add_argument("--format", choices=("webdataset", "parquet"), default="webdataset",
+                    help="webdataset: edits-NNNNNN.tar shards (default); parquet: pairs-NNNNN.parquet with "
+                         "InstructPix2Pix's columns (input_image, edit_prompt, edited_image) as datasets Images")
     ex.add_argument("--where", help='filter over the manifest\'s columns (README: Export filters), e.g. '
                                          '"clip_directional >= 0.2 and clip_image >= 0.7" or "best and ..."')
-    ex.add_argument("--overwrite", action="store_true",
-                    help="replace a previous export in --to (its edits-*.tar and export.json; never other files)")
     ex.add_argument("--best-only", action="store_true",
                     help="only the best sample of each edit (--samples-per-edit K > 1); default: every ok row")
+    ex.add_argument("--per-file", type=int, default=10_000, metavar="N", help="at most N pairs a shard or file "
+                                                                              "(default 10,000)")
+    ex.add_argument("--max-mb", type=_megabytes, default=1024, metavar="MB",
+                    help="start a new shard or file past about MB megabytes (default 1024)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a previous export in --to (its edits-*.tar, "
+                                                             "pairs-*.parquet and export.json; never other files)")
     ex.set_defaults(func=_export)
 
     ga = sub.add_parser("gallery", help="a self-contained HTML page of the edits")
@@ -125,10 +135,22 @@ def _status(args) -> int:
     return 0
 
 
+def _megabytes(text: str) -> float:
+    """``--max-mb``: a positive, finite number of megabytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 2**40:
+        raise argparse.ArgumentTypeError(f"{text} is not a size in MB (a number > 0)")
+    return value
+
+
 def _export(args) -> int:
     from ..manifests.export import export
 
-    print(json.dumps(export(args.output, args.to, args.where, best_only=args.best_only, overwrite=args.overwrite)))
+    print(json.dumps(export(args.output, args.to, args.where, best_only=args.best_only, format=args.format,
+                            max_pairs=args.per_file, max_bytes=int(args.max_mb * 2**20), overwrite=args.overwrite)))
     return 0
 
 

@@ -97,7 +97,7 @@ def plan_job(job: JobConfig, log) -> Plan:
 def _edit_sizes(edit: EditConfig, probe: dict) -> list[str]:
     """The sizes the model will edit at ("WxH"): the forced --resolution (checked against the model), else the
     aspect-ratio buckets of its pixel budget (stages/images.py)."""
-    from ..stages.images import buckets, check_size
+    from ..stages.frame import buckets, check_size
 
     forced = edit.frame.forced_size
     if forced is not None:

@@ -23,7 +23,8 @@ from .config import EditConfig
 from .decode import masked_ddim_decode
 from .encode import Trajectory, ddim_encode, noise_encode
 from .composite import changed_outside, composite, edit_region
-from .images import RESAMPLE, bucket_size, check_size, fit_box, fit_images, fit_masks, to_rgb, to_uint8, unfit
+from .frame import bucket_size, check_size, fit_box
+from .images import RESAMPLE, fit_images, fit_masks, to_rgb, to_uint8, unfit
 from .mask import infer_mask, latent_mask_from_image
 from .model import DiffEditModel, load_model
 from .randomness import edit_seed, per_image_noise

@@ -1,7 +1,7 @@
 """Images in and out of the model: mode conversion, EXIF rotation, the edit size, fitting and unfitting.
 
-The edit size (:func:`bucket_size`): the model's pixel budget (its training resolution squared) at one of a few
-aspect-ratio buckets (:func:`buckets`): every (width, height) whose sides are multiples of what the VAE and the
+The edit size (``stages.frame.bucket_size``): the model's pixel budget (its training resolution squared) at one of a few
+aspect-ratio buckets (``stages.frame.buckets``): every (width, height) whose sides are multiples of what the VAE and the
 UNet need (``DiffEditModel.size_multiple``: 64 px for Stable Diffusion), whose area is at most the budget and
 at least :data:`MIN_BUCKET_AREA` of it, and whose aspect ratio is at most :data:`MAX_ASPECT`. For Stable
 Diffusion at 512: 512x512, 576x448, 640x384, 768x320 and their transposes. An image goes to the bucket in which,
@@ -16,11 +16,12 @@ decoded edit (or the mask) back to the image's box and resizes it to the image's
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .frame import fit_box
 
 RESAMPLE = Image.Resampling.BICUBIC
 
@@ -58,47 +59,6 @@ def tensor_to_images(images_BCHW: torch.Tensor, sizes: list[tuple[int, int]]) ->
         Image.fromarray(a).resize(size, RESAMPLE) if a.shape[1::-1] != tuple(size) else Image.fromarray(a)
         for a, size in zip(arr, sizes)
     ]
-
-
-MAX_ASPECT = 2.5  # the most elongated bucket; a longer image is fitted into it with reflected borders
-MIN_BUCKET_AREA = 0.8  # a bucket uses at least this share of the pixel budget
-
-
-def buckets(resolution: int, multiple: int) -> list[tuple[int, int]]:
-    """The (width, height) edit sizes for a model trained at ``resolution`` x ``resolution``, squarest first."""
-    budget, out = resolution * resolution, set()
-    for w in range(multiple, budget // multiple + 1, multiple):
-        h = (budget // w) // multiple * multiple  # the tallest height within the budget
-        if h >= multiple and w * h >= MIN_BUCKET_AREA * budget and max(w / h, h / w) <= MAX_ASPECT:
-            out |= {(w, h), (h, w)}
-    return sorted(out, key=lambda wh: (abs(math.log(wh[0] / wh[1])), wh))
-
-
-def check_size(size: tuple[int, int], multiple: int) -> None:
-    """Raise ValueError unless each side of an edit ``size`` (a forced ``--resolution``) is a multiple of ``multiple``."""
-    if size[0] % multiple or size[1] % multiple:
-        raise ValueError(f"`resolution` {size[0]}x{size[1]} does not suit this model: each side must be a multiple "
-                         f"of {multiple} px (its VAE and UNet downsample by {multiple}).")
-
-
-def fit_box(width: int, height: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(left, top, fitted width, fitted height): where an image of ``width`` x ``height`` lies in an edit of
-    ``size`` when resized to fit it with its aspect ratio kept, centred."""
-    bw, bh = size
-    scale = min(bw / width, bh / height)
-    fw, fh = min(bw, max(1, round(width * scale))), min(bh, max(1, round(height * scale)))
-    return (bw - fw) // 2, (bh - fh) // 2, fw, fh
-
-
-def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
-    """The bucket in which an image of ``width`` x ``height`` is largest once fitted (ties: the one with the least
-    border, then the squarer)."""
-    return max(buckets(resolution, multiple), key=lambda b: (_fitted_area(width, height, b), -b[0] * b[1]))
-
-
-def _fitted_area(width: int, height: int, size: tuple[int, int]) -> int:
-    _, _, fw, fh = fit_box(width, height, size)
-    return fw * fh
 
 
 def fit_images(images: list[Image.Image], size: tuple[int, int]) -> torch.Tensor:

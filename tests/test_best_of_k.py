@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from diffedit.manifests.best import BETTER, check_best_by, mark_best
-from diffedit.manifests.schema import SCORE_COLUMNS
+from diffedit.manifests.schema import SCHEMA_VERSION, SCORE_COLUMNS
 from diffedit.manifests.store import OutputStore, ParameterMismatch, schema_version
 from diffedit.pipelines.cli import main as cli_main
 from diffedit.pipelines.config import JobConfig
@@ -108,7 +108,7 @@ def test_k_samples_per_edit_and_exactly_one_best(k3):
     skipped = df[df.status == "skipped"].iloc[0]
     assert not skipped.best and pd.isna(skipped.sample_index)
     assert_whole_groups(out, K)
-    assert schema_version(next((Path(out) / "manifest").glob("part-*.parquet"))) == "3"
+    assert schema_version(next((Path(out) / "manifest").glob("part-*.parquet"))) == SCHEMA_VERSION
     run = OutputStore(out).read_run()
     assert (run["sampling"]["samples_per_edit"], run["sampling"]["best_by"]) == (K, "clip_directional")
     assert "higher clip_directional is better" in run["best_rule"] and "sample 0" in run["best_rule"]

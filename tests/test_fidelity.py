@@ -16,7 +16,8 @@ from diffedit.stages.composite import changed_outside, composite, edit_region, f
 from diffedit.stages.config import EditConfig
 from diffedit.stages.editor import DiffEditor
 from diffedit.stages.sources import SHIPPED_MODEL
-from diffedit.stages.images import MAX_ASPECT, MIN_BUCKET_AREA, bucket_size, buckets, fit_box, fit_images, to_uint8, unfit
+from diffedit.stages.frame import MAX_ASPECT, MIN_BUCKET_AREA, bucket_size, buckets, fit_box
+from diffedit.stages.images import fit_images, to_uint8, unfit
 
 FAST = EditConfig.from_flat(steps=4, mask_samples=2)
 

@@ -164,7 +164,7 @@ def test_status_and_export(first, tmp_path, capsys):
     assert '"ok": 42' in capsys.readouterr().out
     assert cli_main(["export", str(out), "--to", str(tmp_path / "ex"), "--where", "mask_fraction >= 0"]) == 0
     samples = list(wds.WebDataset(str(tmp_path / "ex" / "edits-000000.tar"), shardshuffle=False))
-    assert len(samples) == 42 and {"png", "mask.png", "json", "txt"} <= set(samples[0])
+    assert len(samples) == 42 and {"edited.png", "source.png", "mask.png", "json", "txt", "source.txt"} <= set(samples[0])
     assert cli_main(["export", str(out), "--to", str(tmp_path / "bad"), "--where", "nonsense >"]) == 2
 
 
