@@ -55,9 +55,8 @@ def edit_batch(
 ) -> BatchOutput:
     """Mask inference -> DDIM encoding -> masked DDIM decoding for B images, fused on ``model.device``.
 
-    ``images_BCHW`` are in [-1, 1] at an edit size (each side a multiple of ``model.size_multiple``; see
-    :func:`edit_images` for images of any size); ``masks[i]``, when given, is a bool mask at that size and
-    skips mask inference for image i. (``model.max_batch`` caps the UNet's batch.)
+    ``images_BCHW``: [-1, 1], sides multiples of ``model.size_multiple`` (:func:`edit_images` takes any image);
+    ``masks[i]``, a bool mask at that size, skips mask inference for image i. ``model.max_batch`` caps the UNet.
     """
     _check_batch(model, images_BCHW, source_prompts, target_prompts, seeds, masks)
     masks = masks if masks is not None else [None] * images_BCHW.shape[0]
