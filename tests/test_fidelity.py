@@ -262,3 +262,25 @@ def test_jpeg_output_changes_the_background_only_by_its_rounding(photo_shards, t
         assert r.bg_changed_pixels == changed_outside(source, edit, region)
         a, b = (torch.from_numpy(x.copy()).permute(2, 0, 1)[None] for x in (source, edit))
         assert float(region_psnr(a, b, torch.from_numpy(~region)[None], data_range=255)) > 35
+
+
+def test_source_bytes_are_the_inputs_own_when_they_decode_to_the_edited_image():
+    from diffedit.pipelines.inputs import open_image
+    from diffedit.stages.images import source_bytes, to_rgb
+
+    rgb = Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+
+    def encoded(image, fmt, **kw):
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    rotated = rgb.getexif()
+    rotated[0x0112] = 6  # EXIF: rotate 90 degrees on display
+    for data, kept in [(encoded(rgb, "JPEG"), True), (encoded(rgb, "PNG"), True), (encoded(rgb, "WEBP"), True),
+                       (encoded(rgb.convert("L"), "PNG"), False), (encoded(rgb.convert("RGBA"), "PNG"), False),
+                       (encoded(rgb, "JPEG", exif=rotated), False), (encoded(rgb, "BMP"), False)]:
+        upright = to_rgb(open_image(data))
+        stored = source_bytes(data, upright)
+        assert (stored == data) == kept
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")), np.asarray(upright))
