@@ -106,7 +106,7 @@ MAX_FEATHER = 1024
 class FrameConfig:
     """Where the model edits an image and how the edit returns to it (stages/images.py, stages/composite.py)."""
 
-    # auto: the model's pixel budget at the aspect-ratio bucket that holds the image largest (images.bucket_size).
+    # auto: the model's pixel budget at the aspect-ratio bucket that holds the image largest (stages.frame.bucket_size).
     resolution: str = option("auto", "size the model edits at: auto (its pixel budget, at the aspect-ratio bucket "
                                      "nearest the image's), N (N x N) or WxH; the image is fitted inside with its "
                                      "aspect ratio kept (reflected borders), never stretched")
@@ -122,6 +122,8 @@ class FrameConfig:
                                        "for a 512 x 512 image on Stable Diffusion)")
 
     def __post_init__(self):
+        if isinstance(self.resolution, int) and not isinstance(self.resolution, bool):
+            object.__setattr__(self, "resolution", str(self.resolution))  # resolution=512 from Python
         check(isinstance(self.resolution, str) and bool(_SIZE.match(self.resolution)),
               f"`resolution` must be auto, N or WxH (e.g. 512 or 768x512) but is {self.resolution!r}.")
         check(self.composite in COMPOSITES, f"`composite` must be mask or none but is {self.composite!r}.")
