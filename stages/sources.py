@@ -45,13 +45,58 @@ class ModelLoadError(ValueError):
     """A model folder or hub id that cannot be loaded, with the reason."""
 
 
+# Model families by what their model_index.json holds; the engine speaks the supported ones.
+SUPPORTED_FAMILIES = {"sd": "Stable Diffusion 1.x/2.x (epsilon or v-prediction; a UNet and one CLIP text encoder)"}
+KNOWN_FAMILIES = {"sdxl": "Stable Diffusion XL (two text encoders)", "sd3": "Stable Diffusion 3.x (a transformer)",
+                  "flux": "FLUX.1 (a transformer)", "transformer": "a transformer-based pipeline"}
+
+
+def model_family(index: dict) -> str:
+    """The family of a diffusers model from its model_index.json: its pipeline class, else its components."""
+    name, parts = str(index.get("_class_name", "")), set(index)
+    if name.startswith("StableDiffusionXL") or {"unet", "text_encoder_2"} <= parts:
+        return "sdxl"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
+    if name.startswith("Flux"):
+        return "flux"
+    if "transformer" in parts:
+        return "transformer"
+    if {"unet", "text_encoder"} <= parts or name.startswith("StableDiffusion"):
+        return "sd"
+    return name or "unknown"
+
+
+def check_family(index: dict, where: str) -> str:
+    """The model's family, or a ModelLoadError naming it and the families the engine supports."""
+    family = model_family(index)
+    if family not in SUPPORTED_FAMILIES:
+        what = KNOWN_FAMILIES.get(family, f"pipeline class {family!r}")
+        supported = "; ".join(SUPPORTED_FAMILIES.values())
+        raise ModelLoadError(f"{where} is {what}, which diffedit does not run yet; supported: {supported}.")
+    return family
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Model folder {path}: model_index.json cannot be read: {exc}") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"Model folder {path}: model_index.json holds no JSON object.")
+    return index
+
+
 def check_model_folder(path: Path) -> None:
-    """Refuse a folder that is incomplete or holds only pickled weights, naming what is wrong."""
+    """Refuse a folder of a family the engine does not run, an incomplete one or one that holds only pickled
+    weights, naming what is wrong."""
     if not path.is_dir():
         raise ModelLoadError(f"Model folder {path} does not exist.")
     problems = []
     if not (path / "model_index.json").is_file():
         problems.append("model_index.json")
+    else:
+        check_family(_read_index(path), f"Model folder {path}")
     for folder, weights in COMPONENTS.items():
         sub = path / folder
         if not sub.is_dir():
@@ -118,10 +163,12 @@ def _describe_hub_model(repo_id: str) -> dict:
     try:
         info = HfApi().model_info(repo_id, files_metadata=True)
         config = lambda name: json.loads(Path(hf_hub_download(repo_id, name, revision=info.sha)).read_text())  # noqa: E731
+        index = config("model_index.json")
         geometry = _geometry(config("unet/config.json"), config("vae/config.json"))
     except (OSError, ValueError) as exc:  # the hub's HTTP, offline-mode and invalid-id errors
         raise ModelLoadError(f"Could not describe the model hub id {repo_id!r}: {exc} (no local folder {repo_id} "
                              "exists, and a hub id needs network access).") from exc
+    check_family(index, f"Model {repo_id}")
     h = hashlib.sha256()
     for f in sorted(info.siblings, key=lambda f: f.rfilename):
         if Path(f.rfilename).suffix in FINGERPRINTED_SUFFIXES:

@@ -1,6 +1,7 @@
 """The engine on tiny real models: batch invariance, determinism, inputs, loading."""
 
 import shutil
+from pathlib import Path
 import warnings
 from types import SimpleNamespace
 
@@ -319,3 +320,40 @@ def test_prefix_sharing_only_where_the_prompt_is_not_seen():
     assert prompt_free_modules(only_cross) == [only_cross.down_blocks[0].resnets[0]]
     text_time = UNet2DConditionModel(**kw, addition_embed_type="text", encoder_hid_dim=16)
     assert prompt_free_modules(text_time) == []
+
+
+@pytest.mark.parametrize("index, named", [
+    ({"_class_name": "StableDiffusionXLPipeline", "unet": [], "text_encoder": [], "text_encoder_2": []}, "Stable Diffusion XL"),
+    ({"_class_name": "StableDiffusion3Pipeline", "transformer": [], "text_encoder": []}, "Stable Diffusion 3.x"),
+    ({"_class_name": "FluxPipeline", "transformer": [], "text_encoder": []}, "FLUX.1"),
+    ({"_class_name": "SanaPipeline", "transformer": []}, "a transformer-based pipeline"),
+    ({"_class_name": "KandinskyPipeline", "unet": []}, "pipeline class 'KandinskyPipeline'"),
+])
+def test_a_model_of_another_family_is_refused_naming_the_supported_ones(tmp_path, capsys, index, named):
+    """Read from model_index.json before anything else: a folder of another family is refused by the driver in one
+    line (not as an error row per sample, nor as 'incomplete: missing unet/')."""
+    import json
+
+    from diffedit.pipelines.cli import main
+    from diffedit.stages.sources import ModelLoadError, check_model_folder
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="does not run yet; supported: Stable Diffusion 1.x/2.x") as err:
+        check_model_folder(folder)
+    assert named in str(err.value)
+    shard = Path(__file__).resolve().parents[1] / "samples"
+    assert main(["run", str(next(shard.glob("*.tar"))), "--output", str(tmp_path / "out"), "--model", str(folder)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("diffedit run: error:") and named in line
+
+
+def test_the_shipped_and_tiny_models_are_stable_diffusion(tiny_model_dir):
+    import json
+
+    from diffedit.stages.sources import SHIPPED_MODEL, model_family
+
+    for folder in (tiny_model_dir, SHIPPED_MODEL):
+        if (folder / "model_index.json").is_file():
+            assert model_family(json.loads((folder / "model_index.json").read_text())) == "sd"
