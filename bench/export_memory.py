@@ -12,7 +12,7 @@ shows the child's RSS after its imports ("before": ``webdataset`` imports torch,
 export does not import it) and its peak during the export.
 
 ``--export`` measures another copy of ``manifests/export.py`` instead (imported as a module of
-``diffedit.manifests``), e.g. the code before streaming: ``git show REV:manifests/export.py > /tmp/old.py``.
+``diffedit.manifests``), e.g. the code before streaming: ``git show REV:manifests/export.py > OLD/export.py``.
 It is called as ``export(out, to)``; its format is whatever it writes.
 """
 
