@@ -133,7 +133,7 @@ def describe_model(model: str | Path) -> dict:
 
     The fingerprint is a sha256 over the model's weight and config files (FINGERPRINTED_SUFFIXES): over their
     bytes for a local folder (fast even at SD scale); over the hub's own hashes of them for a hub id, which
-    downloads the two configs that give the resolution and nothing else.
+    downloads model_index.json (the family) and the two configs that give the resolution, and nothing else.
     """
     if is_hub_id(model):
         return _describe_hub_model(str(model))

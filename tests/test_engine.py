@@ -196,7 +196,7 @@ def test_describe_model_loads_no_weights(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, files_metadata: hub("a" * 64))
     first = describe_model("some-org/some-model")
     assert first["source"] == "some-org/some-model" and first["resolution"] == 32 and first["recommended"] == {}
-    assert sorted(downloaded) == ["unet/config.json", "vae/config.json"]
+    assert sorted(downloaded) == ["model_index.json", "unet/config.json", "vae/config.json"]  # the family, the size
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, files_metadata: hub("b" * 64))
     assert describe_model("some-org/some-model")["fingerprint"] != first["fingerprint"]  # other weights on the hub
 
