@@ -62,8 +62,8 @@ from .store import OutputStore
 MEASURES = ("mask_fraction", *SCORE_COLUMNS)  # the numbers `status` summarises
 FORMATS = ("webdataset", "parquet")
 READ_COLUMNS = ("key", "edit_id", "edit_index", "sample_index", "shard", "source_prompt", "target_prompt", "best",
-                "seed", "width", "height", "edit_width", "edit_height", "composite", "bg_changed_pixels", "input_json",
-                "source_image", "mask_png", "mask_inferred", "mask_fraction", "edited_png", "edited_jpg",
+                "seed", "width", "height", "edit_width", "edit_height", "composite", "feather", "bg_changed_pixels",
+                "input_json", "source_image", "mask_png", "mask_inferred", "mask_fraction", "edited_png", "edited_jpg",
                 *SCORE_COLUMNS)  # what a pair is made of
 EXPORT_MARKER = "export.json"  # what was exported, from where, with which filter; written last
 EXPORT_FILE = re.compile(r"edits-[0-9]+\.tar|pairs-[0-9]+\.parquet")  # the files an export writes
@@ -78,7 +78,8 @@ PAIRS_SCHEMA = pa.schema([
     ("input_image", IMAGE), ("edit_prompt", pa.string()), ("edited_image", IMAGE), ("source_prompt", pa.string()),
     ("mask", IMAGE), *[SCHEMA.field(n) for n in ("key", "edit_id")], ("shard_uri", pa.string()),
     *[SCHEMA.field(n) for n in ("edit_index", "sample_index", "best", "seed", "width", "height", "edit_width",
-                                "edit_height", "composite", "bg_changed_pixels", "mask_inferred", "mask_fraction",
+                                "edit_height", "composite", "feather", "bg_changed_pixels", "mask_inferred",
+                                "mask_fraction",
                                 *SCORE_COLUMNS, "input_json")]])
 
 
@@ -325,8 +326,8 @@ def _meta(row: dict, run: dict) -> dict:
     meta = {k: row[k] for k in ("key", "edit_id")}
     meta["shard_uri"] = _uri(row["shard"])
     meta.update({k: row[k] for k in ("edit_index", "sample_index", "best", "seed", "source_prompt", "target_prompt",
-                                     "width", "height", "edit_width", "edit_height", "composite", "bg_changed_pixels",
-                                     "mask_inferred")})
+                                     "width", "height", "edit_width", "edit_height", "composite", "feather",
+                                     "bg_changed_pixels", "mask_inferred")})
     meta["mask_fraction"] = _num(row["mask_fraction"])
     meta["scores"] = {c: _num(v) for c, v in scores.items()}
     meta["infinite_scores"] = {c: "+inf" if v > 0 else "-inf" for c, v in scores.items()

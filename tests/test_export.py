@@ -38,7 +38,7 @@ def ok_row(i, seed, **values):
     fmt = FORMATS[i % 3]
     row = dict(key=f"k/{i}", edit_id=f"edit{i:04d}", edit_index=0, sample_index=0, best=True, shard="/data/s.tar",
                source_prompt=f"a red dog {i}", target_prompt=f"a blue dog {i}", status="ok", seed=seed, width=5,
-               height=3, edit_width=64, edit_height=32, composite="mask", bg_changed_pixels=0,
+               height=3, edit_width=64, edit_height=32, composite="mask", feather=6, bg_changed_pixels=0,
                input_json=json.dumps({"url": f"http://x/{i}.jpg", "similarity": 0.25 * i}),
                source_image=image((200, 10, 10), fmt, "RGB"), mask_png=image(255), mask_inferred=True,
                mask_fraction=0.5, edited_png=image(i), clip_target=0.1 * i, psnr_bg=math.inf)
@@ -98,7 +98,7 @@ def test_webdataset_pairs_read_back_with_plain_webdataset(job, tmp_path):
         assert meta["seed"] == manifest_seeds(job)[f"edit{i:04d}"] == BIG_SEEDS[i] and type(meta["seed"]) is int
         assert (meta["key"], meta["edit_id"], meta["sample_index"], meta["best"]) == (f"k/{i}", f"edit{i:04d}", 0, True)
         assert (meta["width"], meta["height"], meta["edit_width"], meta["edit_height"]) == (5, 3, 64, 32)
-        assert (meta["composite"], meta["bg_changed_pixels"], meta["mask_inferred"]) == ("mask", 0, True)
+        assert (meta["composite"], meta["feather"], meta["bg_changed_pixels"], meta["mask_inferred"]) == ("mask", 6, 0, True)
         assert meta["shard_uri"] == "file:///data/s.tar"
         assert meta["input"] == {"url": f"http://x/{i}.jpg", "similarity": 0.25 * i}
         assert meta["run"] == dict(model="/models/shapes-ldm", model_fingerprint="f" * 64, edit=RUN["edit"],
@@ -127,7 +127,7 @@ def test_parquet_pairs_read_back_with_pandas(job, tmp_path):
     df = pd.read_parquet(tmp_path / "pq" / "pairs-00000.parquet")
     assert list(df.columns[:5]) == ["input_image", "edit_prompt", "edited_image", "source_prompt", "mask"]
     assert {"key", "edit_id", "shard_uri", "seed", "sample_index", "best", "width", "height", "edit_width",
-            "composite", "bg_changed_pixels", "clip_target", "psnr_bg", "input_json"} <= set(df.columns)
+            "composite", "feather", "bg_changed_pixels", "clip_target", "psnr_bg", "input_json"} <= set(df.columns)
     assert df.seed.dtype == np.int64 and list(df.seed) == list(BIG_SEEDS)
     assert list(df.edit_prompt) == [f"a blue dog {i}" for i in range(3)] and df.shard_uri[0] == "file:///data/s.tar"
     for i, row in df.iterrows():
