@@ -56,7 +56,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .filter import Expr, FilterError, parse
-from .schema import SCHEMA, SCHEMA_VERSION, SCORE_COLUMNS, missing
+from .schema import SCHEMA, SCHEMA_VERSION, SCORE_COLUMNS, SOURCE_FORMATS, missing
 from .store import OutputStore
 
 MEASURES = ("mask_fraction", *SCORE_COLUMNS)  # the numbers `status` summarises
@@ -71,7 +71,6 @@ READ_ROWS = 64  # rows per batch read from the manifest (with their images)
 READ_BUFFER = 1 << 20  # bytes: column chunks are read in pieces of this size, not whole
 ROW_GROUP_ROWS = 100  # rows per row group of a pairs file (datasets' own choice for image datasets)
 ROW_GROUP_BYTES = 64 << 20  # ... or fewer, past this many bytes
-SOURCE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature in Arrow
 PAIRS_SCHEMA = pa.schema([
@@ -303,7 +302,7 @@ def _source_extension(data: bytes, edit_id: str) -> str:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return SOURCE_EXTENSIONS.get(im.format, str(im.format).lower())
+            return SOURCE_FORMATS.get(im.format, str(im.format).lower())
     except Exception as exc:  # a corrupt manifest: name the row
         raise ValueError(f"edit {edit_id}: its source_image is not an image ({exc})") from None
 

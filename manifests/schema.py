@@ -55,6 +55,8 @@ SCHEMA = pa.schema(
         *[(name, pa.float32()) for name in SCORE_COLUMNS],
     ],
 )
+# The formats source_image holds as the input's own bytes (anything else is stored as PNG), with their extensions.
+SOURCE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Integer columns that hold nulls: pandas would read them as float64, and a 63-bit seed would lose its low bits.
 # The pandas metadata names their nullable dtypes, which pyarrow's to_pandas (and so pd.read_parquet) uses.
 _NULLABLE_INTS = {"int32": "Int32", "int64": "Int64"}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..manifests.schema import SOURCE_FORMATS
 from .frame import fit_box
 
 RESAMPLE = Image.Resampling.BICUBIC
@@ -102,9 +103,6 @@ def unfit(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
 def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
     """images in [-1, 1] -> B x H x W x 3 uint8."""
     return ((images_BCHW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-SOURCE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 def source_bytes(data: bytes, rgb: Image.Image) -> bytes:
