@@ -8,11 +8,11 @@ SSIM / LPIPS / CLIP see, and a 6-megapixel photo and a 1 x 300000 strip scored i
 address space may grow by 2 GB only.
 """
 
-import warnings
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 from pathlib import Path
 
