@@ -83,7 +83,8 @@ def plan_job(job: JobConfig, log) -> Plan:
     sampling = job.sampling
     run = dict(
         serialise(job, edit), inputs=list(job.inputs), model=probe["source"], model_fingerprint=probe["fingerprint"],
-        model_recommended=probe["recommended"], resolution=probe["resolution"], edit_sizes=sizes,
+        model_family=probe["family"], model_recommended=probe["recommended"], resolution=probe["resolution"],
+        edit_sizes=sizes,
         prompts_digest=spec.digest(),
         scorers=_describe_scorers(job, log), shards=len(shards), versions=_versions(), schema_version=SCHEMA_VERSION,
         shards_digest=hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16],

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from .config import EditConfig
-from .decode import masked_ddim_decode
-from .encode import Trajectory, ddim_encode, noise_encode
+from .decode import masked_decode
+from .encode import Trajectory, invert, noise_encode
 from .composite import changed_outside, composite, edit_region
 from .frame import bucket_size, check_size, fit_box
 from .images import RESAMPLE, fit_images, fit_masks, to_rgb, to_uint8, unfit
@@ -30,6 +30,7 @@ from .model import DiffEditModel, load_model
 from .randomness import edit_seed, per_image_noise
 from .scores import mask_fraction
 from .sources import SHIPPED_MODEL
+from .text import Text
 
 
 
@@ -53,10 +54,10 @@ def edit_batch(
     masks: list[torch.Tensor | None] | None = None,
     keep_trajectory: bool = False,
 ) -> BatchOutput:
-    """Mask inference -> DDIM encoding -> masked DDIM decoding for B images, fused on ``model.device``.
+    """Mask inference -> encoding (inversion) -> masked decoding for B images, fused on ``model.device``.
 
     ``images_BCHW``: [-1, 1], sides multiples of ``model.size_multiple`` (:func:`edit_images` takes any image);
-    ``masks[i]``, a bool mask at that size, skips mask inference for image i. ``model.max_batch`` caps the UNet.
+    ``masks[i]``, a bool mask at that size, skips mask inference for image i. ``model.max_batch`` caps the denoiser's calls.
     """
     _check_batch(model, images_BCHW, source_prompts, target_prompts, seeds, masks)
     masks = masks if masks is not None else [None] * images_BCHW.shape[0]
@@ -68,13 +69,13 @@ def edit_batch(
     # 2. The mask: inferred (DiffEdit step 1) where the user gave none.
     mask_Bhw, soft_Bhw = _batch_masks(model, latents_BChw, prompts, seeds, masks, config)
 
-    # 3. DDIM encoding to ratio r: unconditional (the paper) or under the source prompt; or, as the
+    # 3. Encoding to ratio r (DDIM or flow inversion): unconditional (the paper) or under the source prompt; or, as the
     #    paper's ablation, plain noising with a draw of each edit's own derived generator.
     trajectory = _encode_latents(model, latents_BChw, prompts, seeds, config)
 
-    # 4. Masked DDIM decoding under the target prompt, with classifier-free guidance.
-    edited_BChw = masked_ddim_decode(model, trajectory, mask_Bhw, prompts.target_BLD, prompts.negative_BLD,
-                                     guidance=config.decode.guidance, num_steps=config.encode.num_steps)
+    # 4. Masked decoding under the target prompt, with classifier-free (or FLUX.1-dev's embedded) guidance.
+    edited_BChw = masked_decode(model, trajectory, mask_Bhw, prompts.target, prompts.negative,
+                                guidance=config.decode.guidance, num_steps=config.encode.num_steps)
     return BatchOutput(
         edited_BCHW=model.decode_latents(edited_BChw),
         mask_Bhw=mask_Bhw,
@@ -103,25 +104,21 @@ def _check_batch(model: DiffEditModel, images_BCHW: torch.Tensor, source_prompts
 
 @dataclass
 class _Prompts:
-    """The text embeddings of one batch, each B x L x D."""
+    """The text conditioning of one batch (stages.text.Text), B rows each."""
 
-    source_BLD: torch.Tensor
-    target_BLD: torch.Tensor
-    negative_BLD: torch.Tensor  # the negative prompt of classifier-free guidance, for every image
-    empty_BLD: torch.Tensor  # the empty prompt (unconditional), for every image
+    source: Text
+    target: Text
+    negative: Text  # the negative prompt of classifier-free guidance, for every image
+    empty: Text  # the empty prompt (unconditional), for every image
 
 
 def _encode_prompts(model: DiffEditModel, source_prompts: list[str], target_prompts: list[str],
                     negative: str) -> _Prompts:
-    """Encode the source, target, negative and empty prompts in one text-encoder call."""
+    """Encode the source, target, negative and empty prompts in one text-encoder call (each distinct one once)."""
     B = len(source_prompts)
-    embeds = model.encode_text(list(source_prompts) + list(target_prompts) + [negative, ""])
-    return _Prompts(
-        source_BLD=embeds[:B],
-        target_BLD=embeds[B : 2 * B],
-        negative_BLD=embeds[2 * B : 2 * B + 1].expand(B, -1, -1),
-        empty_BLD=embeds[2 * B + 1 :].expand(B, -1, -1),
-    )
+    text = model.encode_text(list(source_prompts) + list(target_prompts) + [negative, ""])
+    return _Prompts(source=text[:B], target=text[B : 2 * B], negative=text[2 * B : 2 * B + 1].expand(B),
+                    empty=text[2 * B + 1 :].expand(B))
 
 
 def _batch_masks(model: DiffEditModel, latents_BChw: torch.Tensor, prompts: _Prompts, seeds: list[int],
@@ -134,8 +131,8 @@ def _batch_masks(model: DiffEditModel, latents_BChw: torch.Tensor, prompts: _Pro
     if todo:
         noise = per_image_noise([seeds[i] for i in todo], (config.mask.num_samples, *latents_BChw.shape[1:]))
         inferred = infer_mask(
-            model, latents_BChw[todo], prompts.source_BLD[todo], prompts.target_BLD[todo], noise,
-            config.mask, num_steps=config.encode.num_steps,
+            model, latents_BChw[todo], prompts.source[todo], prompts.target[todo], noise,
+            config.mask, num_steps=config.encode.num_steps, guidance=config.decode.guidance,
         )
         mask_Bhw[todo], soft_Bhw[todo] = inferred.mask_Bhw, inferred.soft_Bhw
     given = [i for i, m in enumerate(masks) if m is not None]
@@ -151,8 +148,8 @@ def _encode_latents(model: DiffEditModel, latents_BChw: torch.Tensor, prompts: _
     if config.encode.method == "noise":
         noise_BChw = per_image_noise([edit_seed(s, "encode") for s in seeds], tuple(latents_BChw.shape[1:]))
         return noise_encode(model, latents_BChw, noise_BChw, config.encode)
-    encode_BLD = prompts.source_BLD if config.encode.conditional else prompts.empty_BLD
-    return ddim_encode(model, latents_BChw, encode_BLD, config.encode, uncond_BLD=prompts.empty_BLD)
+    text = prompts.source if config.encode.conditional else prompts.empty
+    return invert(model, latents_BChw, text, config.encode, uncond=prompts.empty)
 
 
 @dataclass

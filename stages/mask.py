@@ -3,6 +3,8 @@
 "We add noise to the input image [at strength 50%] and compute the noise estimates conditioned on the
 query text and on the reference text [...]. The difference is averaged over n = 10 noise samples; we
 remove extreme values, rescale to [0, 1] and binarise with a threshold of 0.5."
+For the rectified-flow families the noise goes on along the straight path (x_s = (1 - s) x_0 + s eps at s = the
+strength) and the difference is of the predicted velocities v = eps - x_0 (docs/FAMILIES.md).
 
 Shape legend: B images, N noise samples, C latent channels, h x w latent grid, H x W image.
 """
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import MaskConfig
 from .model import DiffEditModel
+from .text import Text
 
 
 @dataclass
@@ -25,11 +28,9 @@ class MaskResult:
 
 
 def strength_timestep(model: DiffEditModel, num_steps: int, strength: float) -> torch.Tensor:
-    """The DDIM timestep at which a denoising of ``strength`` x the schedule starts (diffusers' img2img rule)."""
-    scheduler = model.ddim()
-    scheduler.set_timesteps(num_steps)
-    start = num_steps - min(int(num_steps * strength), num_steps)
-    return scheduler.timesteps[min(start, num_steps - 1)]
+    """The level at which a denoising of ``strength`` x the schedule starts (diffusers' img2img rule): a DDPM
+    timestep for the diffusion families, a sigma for the flow ones."""
+    return model.schedule(num_steps, 1, (2, 2)).mask_level(strength)
 
 
 def normalize_map(diff_Bhw: torch.Tensor, config: MaskConfig) -> MaskResult:
@@ -48,11 +49,12 @@ def normalize_map(diff_Bhw: torch.Tensor, config: MaskConfig) -> MaskResult:
 def infer_mask(
     model: DiffEditModel,
     latents_BChw: torch.Tensor,
-    source_embeds_BLD: torch.Tensor,
-    target_embeds_BLD: torch.Tensor,
+    source_text: Text,
+    target_text: Text,
     noise_BNChw: torch.Tensor,
     config: MaskConfig = MaskConfig(),
     num_steps: int = 50,
+    guidance: float | None = None,
 ) -> MaskResult:
     """DiffEdit's mask for a batch: image i is noised with ``noise_BNChw[i]`` (its own N draws).
 
@@ -63,16 +65,17 @@ def infer_mask(
     B, N = noise_BNChw.shape[:2]
     if latents_BChw.shape[0] != B:
         raise ValueError(f"Got {latents_BChw.shape[0]} latents but noise for {B} images.")
-    scheduler = model.ddim()
-    t = strength_timestep(model, num_steps, config.strength)
-    # 1. Noise every image N times at strength s: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps.
+    schedule = model.schedule(num_steps, 1, latents_BChw.shape[-2:])
+    t = schedule.mask_level(config.strength)
+    # 1. Noise every image N times at strength s: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (diffusion), or
+    #    x_s = (1 - s) x_0 + s eps (flow).
     x0_XChw = latents_BChw.repeat_interleave(N, dim=0)
     noise_XChw = noise_BNChw.flatten(0, 1).to(latents_BChw.device, latents_BChw.dtype)
-    noisy_XChw = scheduler.add_noise(x0_XChw, noise_XChw, t.expand(B * N))
-    noisy_XChw = scheduler.scale_model_input(noisy_XChw, t)
-    # 2. Predict the noise under the source (reference) and the target (query) text: two prompts per noised latent.
-    embeds = torch.cat([source_embeds_BLD.repeat_interleave(N, dim=0), target_embeds_BLD.repeat_interleave(N, dim=0)])
-    pred = model.predict(noisy_XChw, t, embeds)
+    noisy_XChw = schedule.add_noise(x0_XChw, noise_XChw, t)
+    # 2. Predict the noise (or velocity) under the source (reference) and the target (query) text: two prompts per
+    #    noised latent. FLUX.1-dev embeds ``guidance`` (the decoding's); the others ignore it.
+    text = Text.cat([source_text.repeat_interleave(N), target_text.repeat_interleave(N)])
+    pred = model.predict(noisy_XChw, t, text, guidance=guidance)
     pred_source, pred_target = pred.float().chunk(2)
     # 3. |difference|, averaged over the N samples and the C channels.
     diff_Bhw = (pred_target - pred_source).abs().reshape(B, N, *pred.shape[1:]).mean(dim=(1, 2))

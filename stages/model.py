@@ -1,8 +1,9 @@
-"""Loading a Stable Diffusion 1.x/2.x checkpoint, and the thin wrappers the DiffEdit steps call.
+"""Loading a diffusers model of any supported family, and the thin wrappers the DiffEdit steps call.
 
-A model is a diffusers folder in the ``model_index.json`` layout (local, or a hub id when a hub is
-reachable): ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``. Weights load from
-safetensors only; no ``trust_remote_code``: every class is named here.
+A model is a diffusers folder in the ``model_index.json`` layout (local, or a hub id when a hub is reachable);
+its family (Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3.x, FLUX.1) is read from that file
+(stages.sources.model_family) and its code is in stages/families.py. Weights load from safetensors only; no
+``trust_remote_code``: every class is named in stages/families.py.
 
 Shape legend: B images, L tokens, D text width, C latent channels, H x W image, h x w latent.
 """
@@ -11,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .families import FAMILY_CODE, Family
 from .prefix import PromptFreePrefix
-from .sources import RECOMMENDED_DEFAULTS_FILE, ModelLoadError, check_model_folder, is_hub_id
+from .schedules import DDIMSchedule, FlowSchedule
+from .sources import (FAMILIES, RECOMMENDED_DEFAULTS_FILE, ModelLoadError, check_family, check_model_folder,
+                      family_components, family_defaults, is_hub_id, model_geometry)
+from .text import Text
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The UNet's attention kernel (torch.nn.functional.scaled_dot_product_attention's backend); None: PyTorch's choice.
@@ -52,19 +57,18 @@ def _check_max_batch(max_batch: int | None) -> None:
 
 @dataclass
 class DiffEditModel:
-    """The loaded components, with the few model-specific conversions the steps need."""
+    """The loaded parts of one model and its family's code, with the few conversions the steps need."""
 
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    family: Family
+    parts: dict  # component folder -> loaded module or tokenizer (stages.sources.FAMILIES[...].components)
+    index: dict  # the folder's model_index.json
     scheduler_config: dict
     source: str
     device: torch.device
     dtype: torch.dtype
-    recommended: dict = field(default_factory=dict)  # the folder's diffedit.json, if any
-    attention: str | None = None  # a key of ATTENTION_BACKENDS: the UNet's SDPA kernel; None: PyTorch's choice
-    max_batch: int | None = None  # the most rows of one UNet call (bounds memory); None: no cap
+    recommended: dict = field(default_factory=dict)  # the family's edit defaults, then the folder's diffedit.json
+    attention: str | None = None  # a key of ATTENTION_BACKENDS: the denoiser's SDPA kernel; None: PyTorch's choice
+    max_batch: int | None = None  # the most rows of one denoiser call (bounds memory); None: no cap
     # Run the UNet's prompt-independent first layers once per latent when predict() gets k prompts per latent.
     share_prefix: bool = True
     _fingerprint: str | None = None
@@ -73,59 +77,72 @@ class DiffEditModel:
 
     def __post_init__(self):
         _check_max_batch(self.max_batch)
-        self._prefix = PromptFreePrefix(self.unet)  # hooks, no-ops outside predict(); empty for an unknown UNet
+        self._prefix = PromptFreePrefix(self.denoiser)  # hooks, no-ops outside predict(); empty unless SD's UNet
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network the steps call: a UNet (SD, SDXL) or a transformer (SD3, FLUX.1)."""
+        return self.parts[FAMILIES[self.family.name].denoiser]
+
+    unet = denoiser  # the name Stable Diffusion's code and our older callers use
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.parts["vae"]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.parts["text_encoder"]
+
+    @property
+    def tokenizer(self):
+        return self.parts["tokenizer"]
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def _geometry(self) -> dict:
+        return model_geometry(self.family.name, dict(self.denoiser.config), dict(self.vae.config))
+
+    @property
     def resolution(self) -> int:
-        """The image size the UNet was trained at (sample_size x VAE factor)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        """The image size the denoiser was trained at (its latent sample size x the VAE's factor)."""
+        return self._geometry["resolution"]
 
     @property
     def size_multiple(self) -> int:
-        """What each side of an edit size must be a multiple of: the VAE's factor times the UNet's downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """What each side of an edit size must be a multiple of: the VAE's factor times the UNet's downsampling
+        or the transformer's patch."""
+        return self._geometry["size_multiple"]
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+        """epsilon or v_prediction (diffusion families); flow (the rectified-flow families' velocity)."""
+        return "flow" if self.family.schedule_kind == "flow" else self.scheduler_config.get("prediction_type", "epsilon")
+
+    def schedule(self, num_steps: int, encode_steps: int, latent_hw: tuple[int, int]) -> DDIMSchedule | FlowSchedule:
+        """The schedule the steps walk for latents of ``latent_hw`` (FLUX's shift depends on the size)."""
+        return self.family.schedule(self, num_steps, encode_steps, tuple(latent_hw))
 
     def ddim(self):
-        """A fresh DDIM scheduler (schedulers hold state, so every call gets its own)."""
+        """A fresh DDIM scheduler of a diffusion family (schedulers hold state, so every call gets its own)."""
         from diffusers import DDIMScheduler
 
         return DDIMScheduler.from_config(self.scheduler_config)
 
-    def ddim_inverse(self):
-        from diffusers import DDIMInverseScheduler
-
-        return DDIMInverseScheduler.from_config(self.scheduler_config)
-
     # -- text -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """prompts -> embeds_BLD, each distinct prompt encoded once. Too-long prompts are truncated, with a warning."""
+    def encode_text(self, prompts: list[str]) -> Text:
+        """prompts -> one row of conditioning each (stages.text.Text), each distinct prompt encoded once. Too-long
+        prompts are truncated, with a warning."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("`prompts` must be a list of strings.")
         unique = list(dict.fromkeys(prompts))
-        max_len = self.tokenizer.model_max_length
-        ids = self.tokenizer(unique, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-        full = self.tokenizer(unique, padding="longest", truncation=False, return_tensors="pt").input_ids
-        if full.shape[-1] > max_len:
-            for prompt, row in zip(unique, full):
-                if int((row != self.tokenizer.pad_token_id).sum()) > max_len:  # counts bos/eos as the model does
-                    warnings.warn(
-                        f"Prompt truncated to the text encoder's {max_len} tokens: {prompt[:80]!r}...", stacklevel=2
-                    )
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = ids.attention_mask.to(self.device)
-        embeds = self.text_encoder(ids.input_ids.to(self.device), attention_mask=attention_mask)[0]
+        text = self.family.encode_text(self, unique)
         index = {p: i for i, p in enumerate(unique)}
-        return embeds[[index[p] for p in prompts]].to(self.dtype)
+        return text[[index[p] for p in prompts]].to(self.dtype)
 
     # -- images <-> latents -----------------------------------------------------------------------
     @torch.no_grad()
@@ -148,36 +165,32 @@ class DiffEditModel:
         return self.vae.decode(latents).sample.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def predict(self, latents_BChw: torch.Tensor, t, embeds_KBLD: torch.Tensor) -> torch.Tensor:
-        """The UNet's raw output (epsilon or v) for each of B latents under each of its k prompts.
+    def predict(self, latents_BChw: torch.Tensor, t, text_KB: Text, guidance: float | None = None) -> torch.Tensor:
+        """The denoiser's raw output (epsilon, v or the flow's velocity) for each of B latents under each of its
+        k prompts.
 
-        ``embeds_KBLD`` holds k x B rows, as k blocks of B (block j: every latent's j-th prompt); so does the
-        output. With k > 1 the UNet's prompt-independent first layers run once per latent (stages/prefix.py).
-        ``t`` is a scalar or one timestep per latent. :attr:`max_batch` caps the rows of one UNet call (a
-        latent's k rows stay in one call).
+        ``text_KB`` holds k x B rows, as k blocks of B (block j: every latent's j-th prompt); so does the output.
+        With k > 1 a UNet's prompt-independent first layers run once per latent (stages/prefix.py). ``t`` is a
+        schedule level (a scalar, or one per latent). ``guidance`` is what FLUX.1-dev embeds (other families
+        ignore it). :attr:`max_batch` caps the rows of one call (a latent's k rows stay in one call).
         """
         n = latents_BChw.shape[0]
-        k, extra = divmod(embeds_KBLD.shape[0], n)
+        k, extra = divmod(len(text_KB), n)
         if extra or k < 1:
-            raise ValueError(f"Got {n} latents and {embeds_KBLD.shape[0]} prompt embeddings; need k x {n} of them.")
+            raise ValueError(f"Got {n} latents and {len(text_KB)} prompt embeddings; need k x {n} of them.")
         _check_max_batch(self.max_batch)  # it may have been set since
-        if isinstance(t, torch.Tensor) and t.ndim == 1:
-            t = t.to(self.device)
-        else:
-            # A scalar timestep is filled on the device: copying a CPU tensor there would wait for the GPU's
-            # queue to drain (pageable memory), leaving it idle while the next UNet call is launched.
-            t = torch.full((n,), float(t), device=self.device)
-        step = max(1, (self.max_batch or k * n) // k)  # latents per UNet call
+        t = self.family.model_time(t, n, self)
+        step = max(1, (self.max_batch or k * n) // k)  # latents per denoiser call
         shared = self._prefix.copies(k) if self.share_prefix and self._prefix else contextlib.nullcontext()
         outs = []
         with self._attention_kernel(), shared:
             for i in range(0, n, step):
                 x, s = latents_BChw[i : i + step], min(step, n - i)
-                embeds = embeds_KBLD[i : i + s]
+                text = text_KB[i : i + s]
                 if k > 1:
-                    embeds = torch.cat([embeds_KBLD[j * n + i : j * n + i + s] for j in range(k)])
+                    text = Text.cat([text_KB[j * n + i : j * n + i + s] for j in range(k)])
                     x = torch.cat([x] * k)  # cat, not repeat: it keeps the latents' memory layout, and so the UNet's rounding
-                out = self.unet(x, t[i : i + s].repeat(k), encoder_hidden_states=embeds).sample
+                out = self.family.forward(self, x, t[i : i + s].repeat(k), text, guidance)
                 outs.append(out.unflatten(0, (k, s)))
         return torch.cat(outs, dim=1).flatten(0, 1)  # k blocks of n rows
 
@@ -191,7 +204,7 @@ class DiffEditModel:
         return sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[self.attention]))
 
     def compile(self, mode: str | None = None, vae: bool = True) -> "DiffEditModel":
-        """``torch.compile`` the UNet and (with ``vae``, the default) the VAE's encoder and decoder in place, static shapes.
+        """``torch.compile`` the denoiser and (with ``vae``, the default) the VAE's encoder and decoder in place, static shapes.
 
         In place (``nn.Module.compile``), so weights keep their names; a part already compiled keeps its graphs,
         so ``compile()`` after ``compile(vae=False)`` adds the VAE alone. Each distinct batch size compiles once. A
@@ -200,7 +213,7 @@ class DiffEditModel:
         minute and the engine ran at about 50% of its FLOP floor; compiling the VAE too made a batch of 32 edits
         2.5% faster and cut its peak memory from 18.2 to 12.2 GiB (docs/BENCHMARKS.md).
         """
-        parts = {"unet": self.unet}
+        parts = {"denoiser": self.denoiser}
         if vae:
             parts.update(vae_encoder=self.vae.encoder, vae_decoder=self.vae.decoder)
         for name, module in parts.items():
@@ -214,7 +227,8 @@ class DiffEditModel:
         """sha256 over every weight tensor (names, shapes, bytes) and the scheduler config: which weights made an edit."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+            modules = sorted((k, v) for k, v in self.parts.items() if isinstance(v, torch.nn.Module))
+            for name, module in modules:
                 for key, tensor in sorted(module.state_dict().items()):
                     h.update(f"{name}.{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
                     h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -225,51 +239,67 @@ class DiffEditModel:
 
 def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                max_batch: int | None = None) -> DiffEditModel:
-    """Load a Stable Diffusion 1.x/2.x diffusers checkpoint from a local folder or a hub id.
+    """Load a diffusers model of a supported family from a local folder or a hub id.
 
-    Epsilon and v-prediction checkpoints both work (the scheduler config says which). ``max_batch`` caps the
-    rows of one UNet call (:attr:`DiffEditModel.max_batch`). Raises :class:`ModelLoadError` naming what is
-    missing, or why the weights were refused.
+    Stable Diffusion 1.x/2.x (epsilon or v-prediction), SDXL, Stable Diffusion 3.x (with or without its T5) and
+    FLUX.1 (dev or schnell); the family comes from model_index.json. ``max_batch`` caps the rows of one denoiser
+    call (:attr:`DiffEditModel.max_batch`). Raises :class:`ModelLoadError` naming what is missing, or why the
+    weights or the family were refused.
     """
-    # 1. Where the weights run, and where they come from.
+    # 1. Where the weights run, where they come from, and which family's code runs them.
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path = Path(model).expanduser()
     is_local = not is_hub_id(model)
+    source = str(path.resolve()) if is_local else str(model)  # a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5"
     if is_local:
         check_model_folder(path)
-        source = str(path.resolve())
-    else:
-        source = str(model)  # a hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    index = _model_index(source, path, is_local, model)
+    name = check_family(index, f"Model {model}")
 
     # 2. The components, safetensors only; then the checks that need the scheduler config.
-    unet, vae, text_encoder, tokenizer, scheduler_config = _load_components(source, dtype, model, path, is_local)
-    if scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+    parts, scheduler_config = _load_components(name, index, source, dtype, model, path, is_local)
+    if FAMILY_CODE[name].schedule_kind == "ddim" and scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"Unsupported prediction_type {scheduler_config['prediction_type']!r}.")
 
-    # 3. The folder's recommended edit parameters (diffedit.json), if any.
-    recommended = {}
+    # 3. Edit defaults: the family's, then the folder's own recommendations (diffedit.json), if any.
+    recommended = family_defaults(name, dict(parts[FAMILIES[name].denoiser].config))
     if is_local and (path / RECOMMENDED_DEFAULTS_FILE).is_file():
-        recommended = json.loads((path / RECOMMENDED_DEFAULTS_FILE).read_text())
+        recommended.update(json.loads((path / RECOMMENDED_DEFAULTS_FILE).read_text()))
 
     # 4. Frozen, in eval mode, on the device.
-    for module in (unet, vae, text_encoder):
-        module.to(device).eval().requires_grad_(False)
-    return DiffEditModel(unet, vae, text_encoder, tokenizer, scheduler_config, source, device, dtype, recommended,
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module):
+            part.to(device).eval().requires_grad_(False)
+    return DiffEditModel(FAMILY_CODE[name], parts, index, scheduler_config, source, device, dtype, recommended,
                          max_batch=max_batch)
 
 
-def _load_components(source: str, dtype: torch.dtype, model: str | Path, path: Path, is_local: bool) -> tuple:
-    """(unet, vae, text_encoder, tokenizer, scheduler_config) from ``source``; a :class:`ModelLoadError` if any fails."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    kwargs = dict(use_safetensors=True)
+def _model_index(source: str, path: Path, is_local: bool, model) -> dict:
+    """model_index.json, from the folder or the hub."""
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        if is_local:
+            return json.loads((path / "model_index.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Could not read model_index.json of {model!r}: {exc}".strip()
+            + ("" if is_local else f" (no local folder {path} exists, and a hub id needs network access and safetensors weights on the hub).")
+        ) from exc
+
+
+def _load_components(family: str, index: dict, source: str, dtype: torch.dtype, model, path: Path,
+                     is_local: bool) -> tuple[dict, dict]:
+    """({folder: module or tokenizer}, scheduler_config) from ``source``; a :class:`ModelLoadError` if any fails."""
+    from diffusers import DDIMScheduler
+
+    parts = {}
+    try:
+        for folder in family_components(family, index):
+            if folder != "scheduler":
+                parts[folder] = _load_part(FAMILY_CODE[family].classes[folder], source, folder, dtype)
         scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, EnvironmentError) as exc:
         where = "folder" if is_local else "hub id"
@@ -277,4 +307,17 @@ def _load_components(source: str, dtype: torch.dtype, model: str | Path, path: P
             f"Could not load the model {where} {model!r}: {exc}".strip()
             + ("" if is_local else f" (no local folder {path} exists, and a hub id needs network access and safetensors weights on the hub).")
         ) from exc
-    return unet, vae, text_encoder, tokenizer, scheduler_config
+    vae = parts["vae"]
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and family == "sdxl":
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16: diffusers' pipelines upcast it (force_upcast)
+    return parts, scheduler_config
+
+
+def _load_part(class_path: str, source: str, folder: str, dtype: torch.dtype):
+    """One component by its class ("diffusers.AutoencoderKL"): weights from safetensors in ``dtype``."""
+    library, name = class_path.split(".")
+    cls = getattr(importlib.import_module(library), name)
+    if name.endswith(("Tokenizer", "TokenizerFast")):
+        return cls.from_pretrained(source, subfolder=folder)
+    dtype_arg = "torch_dtype" if library == "diffusers" else "dtype"
+    return cls.from_pretrained(source, subfolder=folder, use_safetensors=True, **{dtype_arg: dtype})

@@ -12,7 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..manifests.schema import SCORE_COLUMNS
@@ -21,14 +21,46 @@ from .config import LPIPS_BACKBONES, ScoreConfig
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "models" / "shapes-ldm"
 SHIPPED_CLIP = ROOT / "models" / "shapes-clip"
-COMPONENTS = {
-    # folder: (weights it must hold, or None for a config-only component)
-    "unet": "diffusion_pytorch_model.safetensors",
-    "vae": "diffusion_pytorch_model.safetensors",
-    "text_encoder": "model.safetensors",
-    "tokenizer": None,
-    "scheduler": None,
+UNET_WEIGHTS = TRANSFORMER_WEIGHTS = VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+ENCODER_WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a model family's folder holds and what its edits default to, from its files alone (no torch).
+    stages/families.py holds the code that runs each family."""
+
+    description: str
+    denoiser: str  # the folder of the network the steps call: "unet" or "transformer"
+    components: dict  # folder -> the weights file it must hold, or None for a config-only component
+    optional: tuple = ()  # components a model_index.json may set to null (SD3's T5 encoder)
+    defaults: dict = field(default_factory=dict)  # edit parameters (flat keys) under the model's diffedit.json
+
+
+FAMILIES = {
+    "sd": FamilySpec(
+        "Stable Diffusion 1.x/2.x (a UNet, one CLIP text encoder; epsilon or v-prediction)", "unet",
+        {"unet": UNET_WEIGHTS, "vae": VAE_WEIGHTS, "text_encoder": ENCODER_WEIGHTS, "tokenizer": None,
+         "scheduler": None}),
+    "sdxl": FamilySpec(
+        "Stable Diffusion XL (a UNet, two CLIP text encoders, pooled text and size conditioning)", "unet",
+        {"unet": UNET_WEIGHTS, "vae": VAE_WEIGHTS, "text_encoder": ENCODER_WEIGHTS, "text_encoder_2": ENCODER_WEIGHTS,
+         "tokenizer": None, "tokenizer_2": None, "scheduler": None},
+        defaults={"guidance": 5.0}),  # StableDiffusionXLPipeline's default guidance
+    "sd3": FamilySpec(
+        "Stable Diffusion 3.x (a rectified-flow transformer, two CLIP encoders and an optional T5)", "transformer",
+        {"transformer": TRANSFORMER_WEIGHTS, "vae": VAE_WEIGHTS, "text_encoder": ENCODER_WEIGHTS,
+         "text_encoder_2": ENCODER_WEIGHTS, "text_encoder_3": ENCODER_WEIGHTS, "tokenizer": None, "tokenizer_2": None,
+         "tokenizer_3": None, "scheduler": None},
+        optional=("text_encoder_3", "tokenizer_3"), defaults={"steps": 28, "guidance": 7.0}),  # the SD3 pipelines'
+    "flux": FamilySpec(
+        "FLUX.1 (a rectified-flow transformer, CLIP and T5 encoders; dev's guidance embedding or schnell's none)",
+        "transformer",
+        {"transformer": TRANSFORMER_WEIGHTS, "vae": VAE_WEIGHTS, "text_encoder": ENCODER_WEIGHTS,
+         "text_encoder_2": ENCODER_WEIGHTS, "tokenizer": None, "tokenizer_2": None, "scheduler": None},
+        defaults={"steps": 28, "guidance": 3.5}),  # FluxPipeline's (dev); schnell: see family_defaults
 }
+SUPPORTED_FAMILIES = {name: spec.description for name, spec in FAMILIES.items()}
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 FINGERPRINTED_SUFFIXES = (".safetensors", ".json", ".txt")  # the files describe_model hashes
 RECOMMENDED_DEFAULTS_FILE = "diffedit.json"  # optional: a model's own recommended edit parameters
@@ -45,17 +77,15 @@ class ModelLoadError(ValueError):
     """A model folder or hub id that cannot be loaded, with the reason."""
 
 
-# Model families by what their model_index.json holds; the engine speaks the supported ones.
-SUPPORTED_FAMILIES = {"sd": "Stable Diffusion 1.x/2.x (epsilon or v-prediction; a UNet and one CLIP text encoder)"}
-KNOWN_FAMILIES = {"sdxl": "Stable Diffusion XL (two text encoders)", "sd3": "Stable Diffusion 3.x (a transformer)",
-                  "flux": "FLUX.1 (a transformer)", "transformer": "a transformer-based pipeline"}
+KNOWN_FAMILIES = {"sdxl-refiner": "the Stable Diffusion XL refiner (one text encoder, aesthetic-score conditioning)",
+                  "transformer": "a transformer-based pipeline"}
 
 
 def model_family(index: dict) -> str:
     """The family of a diffusers model from its model_index.json: its pipeline class, else its components."""
     name, parts = str(index.get("_class_name", "")), set(index)
     if name.startswith("StableDiffusionXL") or {"unet", "text_encoder_2"} <= parts:
-        return "sdxl"
+        return "sdxl-refiner" if index.get("requires_aesthetics_score") or _null(index.get("text_encoder")) else "sdxl"
     if name.startswith("StableDiffusion3"):
         return "sd3"
     if name.startswith("Flux"):
@@ -67,14 +97,34 @@ def model_family(index: dict) -> str:
     return name or "unknown"
 
 
+def _null(entry) -> bool:
+    """A model_index.json entry that names no component: null, or [null, null]."""
+    return entry is None or (isinstance(entry, list) and all(e is None for e in entry))
+
+
 def check_family(index: dict, where: str) -> str:
     """The model's family, or a ModelLoadError naming it and the families the engine supports."""
     family = model_family(index)
-    if family not in SUPPORTED_FAMILIES:
+    if family not in FAMILIES:
         what = KNOWN_FAMILIES.get(family, f"pipeline class {family!r}")
         supported = "; ".join(SUPPORTED_FAMILIES.values())
-        raise ModelLoadError(f"{where} is {what}, which diffedit does not run yet; supported: {supported}.")
+        raise ModelLoadError(f"{where} is {what}, which diffedit does not run; supported: {supported}.")
     return family
+
+
+def family_components(family: str, index: dict) -> dict:
+    """The components (folder -> weights file or None) this model's folder must hold: its family's, less the
+    optional ones its model_index.json sets to null."""
+    spec = FAMILIES[family]
+    return {k: v for k, v in spec.components.items() if not (k in spec.optional and _null(index.get(k)))}
+
+
+def family_defaults(family: str, denoiser_config: dict) -> dict:
+    """A family's edit defaults (flat keys) for one model: FLUX.1 schnell (no guidance embedding) takes 4 steps
+    and no guidance, as its pipeline does."""
+    if family == "flux" and not denoiser_config.get("guidance_embeds", False):
+        return {"steps": 4, "guidance": 1.0}
+    return dict(FAMILIES[family].defaults)
 
 
 def _read_index(path: Path) -> dict:
@@ -87,38 +137,42 @@ def _read_index(path: Path) -> dict:
     return index
 
 
-def check_model_folder(path: Path) -> None:
-    """Refuse a folder of a family the engine does not run, an incomplete one or one that holds only pickled
-    weights, naming what is wrong."""
+def check_model_folder(path: Path) -> str:
+    """The folder's family; a ModelLoadError for a family the engine does not run, an incomplete folder or one
+    that holds only pickled weights, naming what is wrong."""
     if not path.is_dir():
         raise ModelLoadError(f"Model folder {path} does not exist.")
-    problems = []
     if not (path / "model_index.json").is_file():
-        problems.append("model_index.json")
-    else:
-        check_family(_read_index(path), f"Model folder {path}")
-    for folder, weights in COMPONENTS.items():
-        sub = path / folder
-        if not sub.is_dir():
-            problems.append(f"{folder}/")
-            continue
-        if folder == "scheduler" and not (sub / "scheduler_config.json").is_file():
-            problems.append("scheduler/scheduler_config.json")
-        if weights is None:
-            continue
-        if not (sub / "config.json").is_file():
-            problems.append(f"{folder}/config.json")
-        if not any(sub.glob("*.safetensors")):
-            pickled = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLED_SUFFIXES)
-            if pickled:
-                raise ModelLoadError(
-                    f"{sub} holds only pickled weights ({', '.join(pickled)}); diffedit loads safetensors only, "
-                    "since unpickling can run arbitrary code. Convert them once with diffusers "
-                    "(`pipe.save_pretrained(dir, safe_serialization=True)`) from a trusted environment."
-                )
-            problems.append(f"{folder}/{weights}")
+        raise ModelLoadError(f"Model folder {path} is incomplete: missing model_index.json.")
+    index = _read_index(path)
+    family = check_family(index, f"Model folder {path}")
+    problems = []
+    for folder, weights in family_components(family, index).items():
+        problems += _component_problems(path / folder, folder, weights)
     if problems:
         raise ModelLoadError(f"Model folder {path} is incomplete: missing {', '.join(problems)}.")
+    return family
+
+
+def _component_problems(sub: Path, folder: str, weights: str | None) -> list[str]:
+    """What one component folder lacks (empty if nothing); a ModelLoadError if it holds only pickled weights."""
+    if not sub.is_dir():
+        return [f"{folder}/"]
+    if folder == "scheduler":
+        return [] if (sub / "scheduler_config.json").is_file() else ["scheduler/scheduler_config.json"]
+    if weights is None:
+        return []
+    problems = [] if (sub / "config.json").is_file() else [f"{folder}/config.json"]
+    if not any(sub.glob("*.safetensors")):  # one file, or shards with their index
+        pickled = sorted(p.name for p in sub.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        if pickled:
+            raise ModelLoadError(
+                f"{sub} holds only pickled weights ({', '.join(pickled)}); diffedit loads safetensors only, "
+                "since unpickling can run arbitrary code. Convert them once with diffusers "
+                "(`pipe.save_pretrained(dir, safe_serialization=True)`) from a trusted environment."
+            )
+        problems.append(f"{folder}/{weights}")
+    return problems
 
 
 def is_hub_id(model: str | Path) -> bool:
@@ -128,8 +182,8 @@ def is_hub_id(model: str | Path) -> bool:
 
 
 def describe_model(model: str | Path) -> dict:
-    """What the job's driver needs without loading weights: resolution and size multiple, recommended defaults,
-    fingerprint.
+    """What the job's driver needs without loading weights: the family, resolution and size multiple, the
+    recommended edit defaults (the family's, then the folder's diffedit.json over them), the fingerprint.
 
     The fingerprint is a sha256 over the model's weight and config files (FINGERPRINTED_SUFFIXES): over their
     bytes for a local folder (fast even at SD scale); over the hub's own hashes of them for a hub id, which
@@ -138,7 +192,7 @@ def describe_model(model: str | Path) -> dict:
     if is_hub_id(model):
         return _describe_hub_model(str(model))
     path = Path(model).expanduser()
-    check_model_folder(path)
+    family = check_model_folder(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FINGERPRINTED_SUFFIXES):
         h.update(str(f.relative_to(path)).encode())
@@ -147,41 +201,56 @@ def describe_model(model: str | Path) -> dict:
                 h.update(chunk)
     config = lambda name: json.loads((path / name).read_text())  # noqa: E731
     recommended_file = path / RECOMMENDED_DEFAULTS_FILE
-    return dict(
-        source=str(path.resolve()),
-        **_geometry(config("unet/config.json"), config("vae/config.json")),
-        recommended=json.loads(recommended_file.read_text()) if recommended_file.is_file() else {},
-        fingerprint=h.hexdigest(),
-    )
+    own = json.loads(recommended_file.read_text()) if recommended_file.is_file() else {}
+    facts = _family_facts(family, config)
+    return dict(source=str(path.resolve()), **facts, recommended={**facts["family_defaults"], **own},
+                fingerprint=h.hexdigest())
+
+
+def _family_facts(family: str, config) -> dict:
+    """family, resolution, size_multiple and the family's edit defaults, from ``config(name) -> dict``."""
+    denoiser = config(f"{FAMILIES[family].denoiser}/config.json")
+    return dict(family=family, **model_geometry(family, denoiser, config("vae/config.json")),
+                family_defaults=family_defaults(family, denoiser))
 
 
 def _describe_hub_model(repo_id: str) -> dict:
     """describe_model for a hub id: the hub's sha256 of each weight file (git id of each other file), at one revision.
-    No recommended defaults: load_model reads diffedit.json from local folders only."""
+    No diffedit.json: load_model reads it from local folders only."""
     from huggingface_hub import HfApi, hf_hub_download
 
     try:
         info = HfApi().model_info(repo_id, files_metadata=True)
         config = lambda name: json.loads(Path(hf_hub_download(repo_id, name, revision=info.sha)).read_text())  # noqa: E731
-        index = config("model_index.json")
-        geometry = _geometry(config("unet/config.json"), config("vae/config.json"))
+        family = check_family(config("model_index.json"), f"Model {repo_id}")
+        facts = _family_facts(family, config)
     except (OSError, ValueError) as exc:  # the hub's HTTP, offline-mode and invalid-id errors
+        if isinstance(exc, ModelLoadError):
+            raise
         raise ModelLoadError(f"Could not describe the model hub id {repo_id!r}: {exc} (no local folder {repo_id} "
                              "exists, and a hub id needs network access).") from exc
-    check_family(index, f"Model {repo_id}")
     h = hashlib.sha256()
     for f in sorted(info.siblings, key=lambda f: f.rfilename):
         if Path(f.rfilename).suffix in FINGERPRINTED_SUFFIXES:
             h.update(f"{f.rfilename}:{f.lfs.sha256 if f.lfs else f.blob_id}".encode())
-    return dict(source=repo_id, **geometry, recommended={}, fingerprint=h.hexdigest())
+    return dict(source=repo_id, **facts, recommended=dict(facts["family_defaults"]), fingerprint=h.hexdigest())
 
 
-def _geometry(unet_config: dict, vae_config: dict) -> dict:
-    """The UNet's training image size and what each side of an edit size must be a multiple of, from the configs
-    alone (as :attr:`DiffEditModel.resolution` and :attr:`DiffEditModel.size_multiple`)."""
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline's default_sample_size (latent pixels): 1024 px with FLUX's 8x VAE
+
+
+def model_geometry(family: str, denoiser_config: dict, vae_config: dict) -> dict:
+    """The denoiser's training image size and what each side of an edit size must be a multiple of (the VAE's
+    factor times the UNet's downsampling or the transformer's patch), from the configs alone (as
+    :attr:`DiffEditModel.resolution` and :attr:`DiffEditModel.size_multiple`)."""
     vae_factor = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-    unet_factor = 2 ** (len(unet_config.get("block_out_channels", [0] * 4)) - 1)
-    return dict(resolution=int(unet_config.get("sample_size", 64)) * vae_factor, size_multiple=vae_factor * unet_factor)
+    if FAMILIES[family].denoiser == "unet":
+        down, latent = 2 ** (len(denoiser_config.get("block_out_channels", [0] * 4)) - 1), denoiser_config.get("sample_size", 64)
+    elif family == "sd3":
+        down, latent = denoiser_config.get("patch_size", 2), denoiser_config.get("sample_size", 128)
+    else:  # FLUX packs 2 x 2 latents into a token
+        down, latent = 2, FLUX_SAMPLE_SIZE
+    return dict(resolution=int(latent) * vae_factor, size_multiple=vae_factor * int(down))
 
 
 # -- the scorers -------------------------------------------------------------------------------------------------

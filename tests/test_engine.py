@@ -231,13 +231,13 @@ def test_fingerprint_changes_with_weights(tiny_model_dir, tmp_path):
 
 
 def test_compiled_engine_matches_eager(tiny_model_dir):
-    """The compiled path (the UNet, then the VAE too, in place) edits as the eager one does, padded batch included."""
+    """The compiled path (the denoiser, then the VAE too, in place) edits as the eager one does, padded batch included."""
     # max_batch 8 with guided encoding: every UNet call (mask 4 x 3 x 2, encoding, decoding) is one graph of 8.
     eager = load_model(tiny_model_dir, device="cpu", dtype="fp32", max_batch=8)
     compiled = load_model(tiny_model_dir, device="cpu", dtype="fp32", max_batch=8).compile(vae=False)
-    assert compiled._compiled == {"unet"}
+    assert compiled._compiled == {"denoiser"}
     compiled.compile()
-    assert compiled._compiled == {"unet", "vae_encoder", "vae_decoder"}
+    assert compiled._compiled == {"denoiser", "vae_encoder", "vae_decoder"}
     assert "_orig_mod" not in "".join(compiled.unet.state_dict()) + "".join(compiled.vae.state_dict())  # in place
     images = images_to_tensor(random_images(3), eager.resolution)
     sources, targets = ["a red circle", "a dog", "a star"], ["a blue circle", "a cat", "a square"]
@@ -290,7 +290,7 @@ def test_prompt_free_prefix_runs_once_per_latent(tiny_model_dir):
     per_row = model.predict(x, 500, embeds)
     assert seen == [6, 6, 6]
     torch.testing.assert_close(shared, per_row, rtol=0, atol=1e-5)
-    direct = model.unet(torch.cat([x, x]), torch.full((6,), 500.0), encoder_hidden_states=embeds).sample
+    direct = model.unet(torch.cat([x, x]), torch.full((6,), 500.0), encoder_hidden_states=embeds.embeds).sample
     torch.testing.assert_close(per_row, direct, rtol=0, atol=0)
     # Micro-batches keep a latent's k rows together; the result does not change.
     model.share_prefix = True
@@ -323,9 +323,8 @@ def test_prefix_sharing_only_where_the_prompt_is_not_seen():
 
 
 @pytest.mark.parametrize("index, named", [
-    ({"_class_name": "StableDiffusionXLPipeline", "unet": [], "text_encoder": [], "text_encoder_2": []}, "Stable Diffusion XL"),
-    ({"_class_name": "StableDiffusion3Pipeline", "transformer": [], "text_encoder": []}, "Stable Diffusion 3.x"),
-    ({"_class_name": "FluxPipeline", "transformer": [], "text_encoder": []}, "FLUX.1"),
+    ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "unet": [], "text_encoder": [None, None],
+      "text_encoder_2": [], "requires_aesthetics_score": True}, "Stable Diffusion XL refiner"),
     ({"_class_name": "SanaPipeline", "transformer": []}, "a transformer-based pipeline"),
     ({"_class_name": "KandinskyPipeline", "unet": []}, "pipeline class 'KandinskyPipeline'"),
 ])
@@ -340,7 +339,7 @@ def test_a_model_of_another_family_is_refused_naming_the_supported_ones(tmp_path
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="does not run yet; supported: Stable Diffusion 1.x/2.x") as err:
+    with pytest.raises(ModelLoadError, match="which diffedit does not run; supported: Stable Diffusion 1.x/2.x.*Stable Diffusion XL.*Stable Diffusion 3.x.*FLUX.1") as err:
         check_model_folder(folder)
     assert named in str(err.value)
     shard = Path(__file__).resolve().parents[1] / "samples"

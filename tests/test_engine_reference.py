@@ -15,8 +15,8 @@ from diffusers.pipelines.deprecated.stable_diffusion_diffedit import pipeline_st
 from PIL import Image
 
 from diffedit.stages.config import EditConfig, EncodeConfig, MaskConfig
-from diffedit.stages.decode import masked_ddim_decode
-from diffedit.stages.encode import Trajectory, ddim_encode
+from diffedit.stages.decode import masked_decode
+from diffedit.stages.encode import Trajectory, invert
 from diffedit.stages.images import images_to_tensor
 from diffedit.stages.mask import infer_mask, normalize_map
 from diffedit.stages.randomness import per_image_noise
@@ -78,7 +78,7 @@ def test_encoding_matches_reference_inversion(tiny_model, reference, image, prom
     latents = m.encode_images(images_to_tensor([image], m.resolution))
     embeds = m.encode_text([prompt, ""])
     config = EncodeConfig(conditional=bool(prompt), guidance=guidance)
-    traj = ddim_encode(m, latents, embeds[:1], config, uncond_BLD=embeds[1:])
+    traj = invert(m, latents, embeds[:1], config, uncond=embeds[1:])
     ours = torch.stack(traj.latents[1:][::-1])[:, 0]
     assert ours.shape == ref.shape == (40, 4, 16, 16)
     torch.testing.assert_close(ours, ref, **(sharing or dict(rtol=1e-5, atol=1e-5)))
@@ -100,7 +100,7 @@ def test_decoding_matches_reference(tiny_model, reference, image, sharing):
     # One prompt per text-encoder call and contiguous latents, as the reference has them: a batched
     # encoder or a strided layout changes the last bits, which 40 guided steps amplify to ~1e-5.
     target, negative = m.encode_text([TARGET]), m.encode_text([""])
-    ours = masked_ddim_decode(m, Trajectory(arranged, None), mask, target, negative, guidance=7.5, num_steps=50)
+    ours = masked_decode(m, Trajectory(arranged, None), mask, target, negative, guidance=7.5, num_steps=50)
     torch.testing.assert_close(ours, ref_out, **(sharing or dict(rtol=1e-6, atol=1e-6)))
 
 
@@ -113,8 +113,8 @@ def test_background_is_the_images_own_latent_at_the_end(tiny_model, image):
     m = tiny_model
     latents = m.encode_images(images_to_tensor([image], m.resolution))
     embeds = m.encode_text([TARGET, ""])
-    traj = ddim_encode(m, latents, embeds[1:], EncodeConfig())
-    out = masked_ddim_decode(m, traj, torch.zeros(1, 16, 16, dtype=torch.bool), embeds[:1], embeds[1:])
+    traj = invert(m, latents, embeds[1:], EncodeConfig())
+    out = masked_decode(m, traj, torch.zeros(1, 16, 16, dtype=torch.bool), embeds[:1], embeds[1:])
     assert torch.equal(out, latents)
     assert not torch.allclose(traj.latents[1], latents, atol=1e-4)  # the reference's last paste differs
 
@@ -126,8 +126,8 @@ def test_unconditional_encoding_ignores_the_source_prompt(tiny_model, image):
     trajectories = {}
     for name, config in {"uncond": EncodeConfig(), "cond": EncodeConfig(conditional=True)}.items():
         # What the paper's encoding sees is the empty prompt, whatever the source prompt is.
-        pa = ddim_encode(m, latents, (a if config.conditional else empty)[None], config)
-        pb = ddim_encode(m, latents, (b if config.conditional else empty)[None], config)
+        pa = invert(m, latents, (a if config.conditional else empty)[None], config)
+        pb = invert(m, latents, (b if config.conditional else empty)[None], config)
         trajectories[name] = (pa.latents[-1], pb.latents[-1])
     assert torch.equal(*trajectories["uncond"])
     assert not torch.allclose(*trajectories["cond"])

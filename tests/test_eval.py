@@ -12,7 +12,7 @@ from diffedit.shapes import eval as ev
 from diffedit.shapes import scenes
 from diffedit.stages.config import EditConfig, EncodeConfig
 from diffedit.stages.editor import SHIPPED_MODEL, edit_batch
-from diffedit.stages.encode import ddim_encode, noise_encode
+from diffedit.stages.encode import invert, noise_encode
 from diffedit.stages.images import images_to_tensor
 from diffedit.stages.randomness import per_image_noise
 
@@ -131,9 +131,9 @@ def test_noise_encoding_is_q_xt_given_x0_and_differs_from_ddim(tiny_model):
     latents = m.encode_images(images)
     eps = per_image_noise([7], tuple(latents.shape[1:]))
     traj = noise_encode(m, latents, eps, EncodeConfig())
-    ddim = ddim_encode(m, latents, m.encode_text([""]), EncodeConfig())
-    assert traj.num_steps == ddim.num_steps == 40 and torch.equal(traj.timesteps, ddim.timesteps)
-    a = m.ddim().alphas_cumprod[int(traj.timesteps[-1])]
+    ddim = invert(m, latents, m.encode_text([""]), EncodeConfig())
+    assert traj.num_steps == ddim.num_steps == 40 and torch.equal(traj.levels, ddim.levels)
+    a = m.ddim().alphas_cumprod[int(traj.levels[-1])]
     torch.testing.assert_close(traj.latents[-1], a.sqrt() * latents + (1 - a).sqrt() * eps)
     assert torch.equal(traj.latents[0], latents)
     assert not torch.allclose(traj.latents[-1], ddim.latents[-1], atol=1e-2)
