@@ -80,6 +80,7 @@ def plan_job(job: JobConfig, log) -> Plan:
     probe = describe_model(model_path)  # recommended defaults + fingerprint, from the files
     edit = EditConfig.from_flat(probe["recommended"], **job.edit)
     sizes = _edit_sizes(edit, probe)
+    _check_family_options(edit, probe["family"])
     sampling = job.sampling
     run = dict(
         serialise(job, edit), inputs=list(job.inputs), model=probe["source"], model_fingerprint=probe["fingerprint"],
@@ -104,6 +105,15 @@ def _edit_sizes(edit: EditConfig, probe: dict) -> list[str]:
     if forced is not None:
         check_size(forced, probe["size_multiple"])
     return [f"{w}x{h}" for w, h in ([forced] if forced else buckets(probe["resolution"], probe["size_multiple"]))]
+
+
+def _check_family_options(edit: EditConfig, family: str) -> None:
+    """Options that only some families take, refused before any work for the others."""
+    from ..stages.sources import FAMILIES
+
+    if edit.encode.shift is not None and FAMILIES[family].schedule != "flow":
+        flow = ", ".join(name for name, spec in FAMILIES.items() if spec.schedule == "flow")
+        raise ValueError(f"--shift applies to the rectified-flow families ({flow}); this model is {family}.")
 
 
 def _describe_scorers(job: JobConfig, log) -> dict | None:

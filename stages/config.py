@@ -64,6 +64,10 @@ class EncodeConfig:
     # noising): every kept level is a draw of q(x_t | x_0) instead of a DDIM-inverted latent.
     method: str = option("ddim", "ddim (the paper's encoding) or noise (its ablation: plain noising, as SDEdit)",
                          flag="encode_method", choices=("ddim", "noise"))
+    # Rectified-flow families only (SD3, FLUX.1): the shift of their sigma schedule, for the mask, encoding and
+    # decoding alike. None: the model's scheduler config (SD3: 3.0; FLUX.1: its resolution-dependent shift).
+    shift: float | None = option(None, "rectified-flow models (SD3, FLUX.1) only: the sigma schedule's shift, in "
+                                       "place of the model's own (SD3: 3.0; FLUX.1-dev: by resolution)")
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"`steps` must be >= 1 but is {self.num_steps}.")
@@ -73,6 +77,7 @@ class EncodeConfig:
             f"`steps` x `encode_ratio` must give at least one step, but {self.num_steps} x {self.encode_ratio} does not.",
         )
         check(self.guidance >= 1.0, f"`encode_guidance` must be >= 1 but is {self.guidance}.")
+        check(self.shift is None or self.shift > 0, f"`shift` must be > 0 but is {self.shift}.")
         check(self.method in ("ddim", "noise"), f"`encode_method` must be ddim or noise but is {self.method!r}.")
         check(
             self.conditional or self.guidance == 1.0,

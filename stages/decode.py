@@ -27,6 +27,7 @@ def masked_decode(
     negative: Text,
     guidance: float = 7.5,
     num_steps: int = 50,
+    shift: float | None = None,
 ) -> torch.Tensor:
     """Decode from the last latent of ``trajectory`` back to x_0; returns latents_BChw.
 
@@ -37,7 +38,7 @@ def masked_decode(
     """
     K = trajectory.num_steps
     x = trajectory.latents[K]
-    schedule = model.schedule(num_steps, K, x.shape[-2:])
+    schedule = model.schedule(num_steps, K, x.shape[-2:], shift)
     keep_B1hw = mask_Bhw.to(model.device, model.dtype)[:, None]
     for i, t in enumerate(schedule.decode_levels):
         pred = guided(model, x, t, target, negative, guidance)

@@ -75,7 +75,8 @@ def edit_batch(
 
     # 4. Masked decoding under the target prompt, with classifier-free (or FLUX.1-dev's embedded) guidance.
     edited_BChw = masked_decode(model, trajectory, mask_Bhw, prompts.target, prompts.negative,
-                                guidance=config.decode.guidance, num_steps=config.encode.num_steps)
+                                guidance=config.decode.guidance, num_steps=config.encode.num_steps,
+                                shift=config.encode.shift)
     return BatchOutput(
         edited_BCHW=model.decode_latents(edited_BChw),
         mask_Bhw=mask_Bhw,
@@ -132,7 +133,7 @@ def _batch_masks(model: DiffEditModel, latents_BChw: torch.Tensor, prompts: _Pro
         noise = per_image_noise([seeds[i] for i in todo], (config.mask.num_samples, *latents_BChw.shape[1:]))
         inferred = infer_mask(
             model, latents_BChw[todo], prompts.source[todo], prompts.target[todo], noise,
-            config.mask, num_steps=config.encode.num_steps, guidance=config.decode.guidance,
+            config.mask, num_steps=config.encode.num_steps, guidance=config.decode.guidance, shift=config.encode.shift,
         )
         mask_Bhw[todo], soft_Bhw[todo] = inferred.mask_Bhw, inferred.soft_Bhw
     given = [i for i, m in enumerate(masks) if m is not None]

@@ -60,7 +60,7 @@ def invert(
     """
     if config.guidance > 1.0 and uncond is None and model.family.guidance == "cfg":
         raise ValueError("Guided encoding needs the unconditional text (`uncond`).")
-    schedule = model.schedule(config.num_steps, config.num_encode_steps, latents_BChw.shape[-2:])
+    schedule = model.schedule(config.num_steps, config.num_encode_steps, latents_BChw.shape[-2:], config.shift)
     x = latents_BChw
     latents = [x]
     for k, t in enumerate(schedule.encode_levels):
@@ -84,7 +84,7 @@ def noise_encode(
     """
     if noise_BChw.shape != latents_BChw.shape:
         raise ValueError(f"`noise_BChw` must have the latents' shape {tuple(latents_BChw.shape)} but is {tuple(noise_BChw.shape)}.")
-    schedule = model.schedule(config.num_steps, config.num_encode_steps, latents_BChw.shape[-2:])
+    schedule = model.schedule(config.num_steps, config.num_encode_steps, latents_BChw.shape[-2:], config.shift)
     noise_BChw = noise_BChw.to(latents_BChw.device, latents_BChw.dtype)
     latents = [latents_BChw]
     for k in range(1, config.num_encode_steps + 1):

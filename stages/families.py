@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .schedules import DDIMSchedule, FlowSchedule
+from .sources import FAMILIES
 from .text import Text
 
 SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
@@ -55,10 +56,14 @@ class Family:
     """The interface; :class:`SD` is Stable Diffusion 1.x/2.x."""
 
     name = "sd"
-    schedule_kind = "ddim"
     guidance = "cfg"  # "cfg": classifier-free guidance over two rows; "embedded": a guidance input (FLUX.1-dev)
     classes = {"unet": "diffusers.UNet2DConditionModel", "vae": "diffusers.AutoencoderKL",
                "text_encoder": "transformers.CLIPTextModel", "tokenizer": "transformers.CLIPTokenizer"}
+
+    @property
+    def schedule_kind(self) -> str:
+        """"ddim" or "flow" (stages.sources.FAMILIES, where the driver reads it without torch)."""
+        return FAMILIES[self.name].schedule
 
     def encode_text(self, model, prompts: list[str]) -> Text:
         tokenizer, encoder = model.parts["tokenizer"], model.parts["text_encoder"]
@@ -72,7 +77,7 @@ class Family:
     def forward(self, model, x_RChw: torch.Tensor, t_R: torch.Tensor, text: Text, guidance: float | None) -> torch.Tensor:
         return model.denoiser(x_RChw, t_R, encoder_hidden_states=text.embeds).sample
 
-    def schedule(self, model, num_steps: int, encode_steps: int, latent_hw: tuple[int, int]):
+    def schedule(self, model, num_steps: int, encode_steps: int, latent_hw: tuple[int, int], shift=None):
         return DDIMSchedule(model.scheduler_config, num_steps, encode_steps)
 
     def model_time(self, level, rows: int, model) -> torch.Tensor:
@@ -111,7 +116,6 @@ class SD3(Family):
     CLIP pooled projections."""
 
     name = "sd3"
-    schedule_kind = "flow"
     classes = {"transformer": "diffusers.SD3Transformer2DModel", "vae": "diffusers.AutoencoderKL",
                "text_encoder": "transformers.CLIPTextModelWithProjection",
                "text_encoder_2": "transformers.CLIPTextModelWithProjection", "text_encoder_3": "transformers.T5EncoderModel",
@@ -137,9 +141,9 @@ class SD3(Family):
         return model.denoiser(hidden_states=x_RChw, timestep=t_R, encoder_hidden_states=text.embeds,
                               pooled_projections=text.parts["pooled"]).sample
 
-    def schedule(self, model, num_steps, encode_steps, latent_hw):
+    def schedule(self, model, num_steps, encode_steps, latent_hw, shift=None):
         kwargs = {}
-        config = model.scheduler_config
+        config = flow_config(model.scheduler_config, shift)
         if config.get("use_dynamic_shifting"):
             patch = model.denoiser.config.patch_size
             kwargs["mu"] = flow_shift_mu(config, (latent_hw[0] // patch) * (latent_hw[1] // patch), max_shift=1.16)
@@ -155,7 +159,6 @@ class Flux(Family):
     FLUX.1-dev's distilled guidance as an input, no classifier-free guidance."""
 
     name = "flux"
-    schedule_kind = "flow"
     guidance = "embedded"
     classes = {"transformer": "diffusers.FluxTransformer2DModel", "vae": "diffusers.AutoencoderKL",
                "text_encoder": "transformers.CLIPTextModel", "text_encoder_2": "transformers.T5EncoderModel",
@@ -178,8 +181,8 @@ class Flux(Family):
                              img_ids=latent_ids(h // 2, w // 2, x_RChw.device, x_RChw.dtype)).sample
         return unpack_latents(out, h, w)
 
-    def schedule(self, model, num_steps, encode_steps, latent_hw):
-        config = model.scheduler_config
+    def schedule(self, model, num_steps, encode_steps, latent_hw, shift=None):
+        config = flow_config(model.scheduler_config, shift)
         kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}
         if config.get("use_dynamic_shifting"):
             kwargs["mu"] = flow_shift_mu(config, (latent_hw[0] // 2) * (latent_hw[1] // 2), max_shift=1.15)
@@ -196,6 +199,11 @@ def _on_device(t: torch.Tensor, rows: int, device) -> torch.Tensor:
     if t.ndim == 1:
         return t.to(device)
     return torch.full((rows,), t.item(), device=device, dtype=t.dtype)
+
+
+def flow_config(scheduler_config: dict, shift: float | None) -> dict:
+    """The scheduler config, with a fixed ``shift`` in place of its own (and of its dynamic shifting) if one is given."""
+    return dict(scheduler_config) if shift is None else {**scheduler_config, "shift": shift, "use_dynamic_shifting": False}
 
 
 def flow_shift_mu(config: dict, image_seq_len: int, max_shift: float) -> float:

@@ -27,10 +27,10 @@ class MaskResult:
     mask_Bhw: torch.Tensor  # bool, soft > threshold
 
 
-def strength_timestep(model: DiffEditModel, num_steps: int, strength: float) -> torch.Tensor:
+def strength_timestep(model: DiffEditModel, num_steps: int, strength: float, shift: float | None = None) -> torch.Tensor:
     """The level at which a denoising of ``strength`` x the schedule starts (diffusers' img2img rule): a DDPM
     timestep for the diffusion families, a sigma for the flow ones."""
-    return model.schedule(num_steps, 1, (2, 2)).mask_level(strength)
+    return model.schedule(num_steps, 1, (2, 2), shift).mask_level(strength)
 
 
 def normalize_map(diff_Bhw: torch.Tensor, config: MaskConfig) -> MaskResult:
@@ -55,6 +55,7 @@ def infer_mask(
     config: MaskConfig = MaskConfig(),
     num_steps: int = 50,
     guidance: float | None = None,
+    shift: float | None = None,
 ) -> MaskResult:
     """DiffEdit's mask for a batch: image i is noised with ``noise_BNChw[i]`` (its own N draws).
 
@@ -65,7 +66,7 @@ def infer_mask(
     B, N = noise_BNChw.shape[:2]
     if latents_BChw.shape[0] != B:
         raise ValueError(f"Got {latents_BChw.shape[0]} latents but noise for {B} images.")
-    schedule = model.schedule(num_steps, 1, latents_BChw.shape[-2:])
+    schedule = model.schedule(num_steps, 1, latents_BChw.shape[-2:], shift)
     t = schedule.mask_level(config.strength)
     # 1. Noise every image N times at strength s: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (diffusion), or
     #    x_s = (1 - s) x_0 + s eps (flow).

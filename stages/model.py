@@ -122,9 +122,13 @@ class DiffEditModel:
         """epsilon or v_prediction (diffusion families); flow (the rectified-flow families' velocity)."""
         return "flow" if self.family.schedule_kind == "flow" else self.scheduler_config.get("prediction_type", "epsilon")
 
-    def schedule(self, num_steps: int, encode_steps: int, latent_hw: tuple[int, int]) -> DDIMSchedule | FlowSchedule:
-        """The schedule the steps walk for latents of ``latent_hw`` (FLUX's shift depends on the size)."""
-        return self.family.schedule(self, num_steps, encode_steps, tuple(latent_hw))
+    def schedule(self, num_steps: int, encode_steps: int, latent_hw: tuple[int, int],
+                 shift: float | None = None) -> DDIMSchedule | FlowSchedule:
+        """The schedule the steps walk for latents of ``latent_hw`` (FLUX's shift depends on the size). ``shift``
+        (rectified-flow families only) replaces the scheduler config's shift, and its dynamic shifting."""
+        if shift is not None and self.family.schedule_kind != "flow":
+            raise ValueError(f"`shift` applies to the rectified-flow families (sd3, flux), not to {self.family.name}.")
+        return self.family.schedule(self, num_steps, encode_steps, tuple(latent_hw), shift)
 
     def ddim(self):
         """A fresh DDIM scheduler of a diffusion family (schedulers hold state, so every call gets its own)."""

@@ -34,6 +34,7 @@ class FamilySpec:
     denoiser: str  # the folder of the network the steps call: "unet" or "transformer"
     components: dict  # folder -> the weights file it must hold, or None for a config-only component
     optional: tuple = ()  # components a model_index.json may set to null (SD3's T5 encoder)
+    schedule: str = "ddim"  # "ddim": a diffusion model (DDPM timesteps); "flow": a rectified-flow one (sigmas)
     defaults: dict = field(default_factory=dict)  # edit parameters (flat keys) under the model's diffedit.json
 
 
@@ -52,13 +53,13 @@ FAMILIES = {
         {"transformer": TRANSFORMER_WEIGHTS, "vae": VAE_WEIGHTS, "text_encoder": ENCODER_WEIGHTS,
          "text_encoder_2": ENCODER_WEIGHTS, "text_encoder_3": ENCODER_WEIGHTS, "tokenizer": None, "tokenizer_2": None,
          "tokenizer_3": None, "scheduler": None},
-        optional=("text_encoder_3", "tokenizer_3"), defaults={"steps": 28, "guidance": 7.0}),  # the SD3 pipelines'
+        optional=("text_encoder_3", "tokenizer_3"), schedule="flow", defaults={"steps": 28, "guidance": 7.0}),  # the SD3 pipelines'
     "flux": FamilySpec(
         "FLUX.1 (a rectified-flow transformer, CLIP and T5 encoders; dev's guidance embedding or schnell's none)",
         "transformer",
         {"transformer": TRANSFORMER_WEIGHTS, "vae": VAE_WEIGHTS, "text_encoder": ENCODER_WEIGHTS,
          "text_encoder_2": ENCODER_WEIGHTS, "tokenizer": None, "tokenizer_2": None, "scheduler": None},
-        defaults={"steps": 28, "guidance": 3.5}),  # FluxPipeline's (dev); schnell: see family_defaults
+        schedule="flow", defaults={"steps": 28, "guidance": 3.5}),  # FluxPipeline's (dev); schnell: see family_defaults
 }
 SUPPORTED_FAMILIES = {name: spec.description for name, spec in FAMILIES.items()}
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")

@@ -283,3 +283,53 @@ def test_the_job_runs_and_resumes_on_each_family(folders, tmp_path, name):
     assert (kept.seed.values == before.seed.values).all() and (kept.status.values == before.status.values).all()
     ok = after[after.status == "ok"]
     assert len(ok) >= 4 and {tuple(s) for s in ok[["edit_width", "edit_height"]].values} == {(32, 32)}
+
+
+# -- per-family options and what the driver reads from the files -----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux-dev"])
+def test_shift_replaces_the_schedules_own(models, name):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    m = models[name]
+    own, shifted = m.schedule(10, 8, (16, 16)), m.schedule(10, 8, (16, 16), shift=1.0)
+    reference = FlowMatchEulerDiscreteScheduler.from_config(m.scheduler_config, shift=1.0, use_dynamic_shifting=False)
+    sigmas = np.linspace(1.0, 0.1, 10) if name == "flux-dev" else None
+    reference.set_timesteps(10, sigmas=sigmas)
+    torch.testing.assert_close(shifted.sigmas, reference.sigmas.float(), rtol=0, atol=0)
+    assert not torch.allclose(own.sigmas, shifted.sigmas)
+    shifted_edit, own_edit = edit(m, 2, shift=1.0, threshold=0.0), edit(m, 2, threshold=0.0)
+    assert own_edit.mask_Bhw.any() and not torch.equal(shifted_edit.latents_BChw, own_edit.latents_BChw)
+
+
+def test_shift_is_refused_for_a_diffusion_model(folders, models, tmp_path, capsys):
+    from diffedit.pipelines.cli import main
+
+    with pytest.raises(ValueError, match="`shift` applies to the rectified-flow families"):
+        models["sdxl"].schedule(10, 8, (16, 16), shift=3.0)
+    shard = next((Path(__file__).resolve().parents[1] / "samples").glob("*.tar"))
+    code = main(["run", str(shard), "--output", str(tmp_path / "out"), "--model", str(folders["sdxl"]), "--shift", "2"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--shift applies to the rectified-flow families (sd3, flux); this model is sdxl" in line
+    assert not (tmp_path / "out" / "manifest").exists() or not any((tmp_path / "out" / "manifest").iterdir())
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_the_driver_describes_a_model_from_its_files(folders, models, name):
+    """Family, defaults, geometry and fingerprint from the configs and the files' hashes: no weights loaded."""
+    from diffedit.stages.sources import describe_model
+
+    probe = describe_model(str(folders[name]))
+    m = models[name]
+    assert probe["family"] == m.family.name and probe["recommended"] == m.recommended
+    assert (probe["resolution"], probe["size_multiple"]) == (m.resolution, m.size_multiple)
+    assert len(probe["fingerprint"]) == 64
+
+
+def test_sdxl_in_fp16_keeps_its_vae_in_fp32(folders):
+    """SDXL's VAE overflows in fp16; as diffusers' pipelines do (force_upcast), it runs in fp32."""
+    m = load_model(folders["sdxl"], device="cpu", dtype="fp16")
+    assert m.vae.dtype == torch.float32 and m.denoiser.dtype == torch.float16 and m.dtype == torch.float16
+    latents = m.encode_images(images(1))
+    assert latents.dtype == torch.float16 and m.decode_latents(latents).dtype == torch.float32
