@@ -116,6 +116,7 @@ def sd15_model(device, dtype, workdir: Path, max_batch: int | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from diffedit.shapes.tiny import write_clip_tokenizer
+    from diffedit.stages.families import FAMILY_CODE
     from diffedit.stages.model import DiffEditModel
 
     words = SOURCE.split() + TARGET.split()
@@ -133,8 +134,9 @@ def sd15_model(device, dtype, workdir: Path, max_batch: int | None = None):
     text_encoder = CLIPTextModel(text)
     for module in (unet, vae, text_encoder):
         module.to(device, dtype).eval().requires_grad_(False)
-    return DiffEditModel(unet, vae, text_encoder, tokenizer, dict(SD15_SCHEDULER), "sd15-random", torch.device(device),
-                         dtype, max_batch=max_batch)
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    return DiffEditModel(FAMILY_CODE["sd"], parts, {"_class_name": "StableDiffusionPipeline"}, dict(SD15_SCHEDULER),
+                         "sd15-random", torch.device(device), dtype, max_batch=max_batch)
 
 
 def model_folder(kind: str, folder: Path) -> Path:
