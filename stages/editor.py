@@ -57,7 +57,8 @@ def edit_batch(
     """Mask inference -> encoding (inversion) -> masked decoding for B images, fused on ``model.device``.
 
     ``images_BCHW``: [-1, 1], sides multiples of ``model.size_multiple`` (:func:`edit_images` takes any image);
-    ``masks[i]``, a bool mask at that size, skips mask inference for image i. ``model.max_batch`` caps the denoiser's calls.
+    ``masks[i]``, a bool mask at that size, skips mask inference for image i. ``model.max_batch`` caps the
+    denoiser's calls.
     """
     _check_batch(model, images_BCHW, source_prompts, target_prompts, seeds, masks)
     masks = masks if masks is not None else [None] * images_BCHW.shape[0]
@@ -77,14 +78,9 @@ def edit_batch(
     edited_BChw = masked_decode(model, trajectory, mask_Bhw, prompts.target, prompts.negative,
                                 guidance=config.decode.guidance, num_steps=config.encode.num_steps,
                                 shift=config.encode.shift)
-    return BatchOutput(
-        edited_BCHW=model.decode_latents(edited_BChw),
-        mask_Bhw=mask_Bhw,
-        soft_Bhw=soft_Bhw,
-        inferred=[m is None for m in masks],
-        latents_BChw=edited_BChw,
-        trajectory=trajectory if keep_trajectory else None,
-    )
+    return BatchOutput(edited_BCHW=model.decode_latents(edited_BChw), mask_Bhw=mask_Bhw, soft_Bhw=soft_Bhw,
+                       inferred=[m is None for m in masks], latents_BChw=edited_BChw,
+                       trajectory=trajectory if keep_trajectory else None)
 
 
 def _check_batch(model: DiffEditModel, images_BCHW: torch.Tensor, source_prompts: list[str],
