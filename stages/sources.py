@@ -79,12 +79,16 @@ class ModelLoadError(ValueError):
 
 
 KNOWN_FAMILIES = {"sdxl-refiner": "the Stable Diffusion XL refiner (one text encoder, aesthetic-score conditioning)",
+                  "inpaint": "an inpainting model (its denoiser takes the mask and the masked image as extra input "
+                             "channels; DiffEdit needs the base model)",
                   "transformer": "a transformer-based pipeline"}
 
 
 def model_family(index: dict) -> str:
     """The family of a diffusers model from its model_index.json: its pipeline class, else its components."""
     name, parts = str(index.get("_class_name", "")), set(index)
+    if "Inpaint" in name:
+        return "inpaint"
     if name.startswith("StableDiffusionXL") or {"unet", "text_encoder_2"} <= parts:
         return "sdxl-refiner" if index.get("requires_aesthetics_score") or _null(index.get("text_encoder")) else "sdxl"
     if name.startswith("StableDiffusion3"):

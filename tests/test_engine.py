@@ -326,6 +326,9 @@ def test_prefix_sharing_only_where_the_prompt_is_not_seen():
     ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "unet": [], "text_encoder": [None, None],
       "text_encoder_2": [], "requires_aesthetics_score": True}, "Stable Diffusion XL refiner"),
     ({"_class_name": "SanaPipeline", "transformer": []}, "a transformer-based pipeline"),
+    ({"_class_name": "StableDiffusionXLInpaintPipeline", "unet": [], "text_encoder": [], "text_encoder_2": []},
+     "an inpainting model"),
+    ({"_class_name": "StableDiffusionInpaintPipeline", "unet": [], "text_encoder": []}, "an inpainting model"),
     ({"_class_name": "KandinskyPipeline", "unet": []}, "pipeline class 'KandinskyPipeline'"),
 ])
 def test_a_model_of_another_family_is_refused_naming_the_supported_ones(tmp_path, capsys, index, named):
