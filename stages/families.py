@@ -32,8 +32,9 @@ SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
 FLUX_T5_TOKENS = 512  # FluxPipeline's
 
 
-def tokenize(tokenizer, prompts: list[str], max_length: int, device) -> torch.Tensor:
-    """Token ids padded to ``max_length``; a prompt longer than that is truncated, with a warning."""
+def tokenize(tokenizer, prompts: list[str], max_length: int, device):
+    """Token ids (``input_ids``, with their ``attention_mask``) padded to ``max_length``, on ``device``; a prompt
+    longer than that is truncated, with a warning."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     full = tokenizer(prompts, padding="longest", truncation=False, return_tensors="pt").input_ids
     if full.shape[-1] > max_length:
@@ -41,14 +42,15 @@ def tokenize(tokenizer, prompts: list[str], max_length: int, device) -> torch.Te
             if int((row != tokenizer.pad_token_id).sum()) > max_length:  # counts bos/eos as the model does
                 warnings.warn(f"Prompt truncated to the text encoder's {max_length} tokens: {prompt[:80]!r}...",
                               stacklevel=3)
-    return ids.input_ids.to(device)
+    return ids.to(device)
 
 
 def _clip_states(model, which: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate hidden states R x 77 x D, first output) of CLIP encoder ``which`` ("" or "_2"): SDXL's and
     SD3's token embeddings and, for an encoder with a projection, its pooled embedding."""
     tokenizer, encoder = model.parts[f"tokenizer{which}"], model.parts[f"text_encoder{which}"]
-    out = encoder(tokenize(tokenizer, prompts, tokenizer.model_max_length, model.device), output_hidden_states=True)
+    ids = tokenize(tokenizer, prompts, tokenizer.model_max_length, model.device).input_ids
+    out = encoder(ids, output_hidden_states=True)
     return out.hidden_states[-2], out[0]
 
 
@@ -68,11 +70,8 @@ class Family:
     def encode_text(self, model, prompts: list[str]) -> Text:
         tokenizer, encoder = model.parts["tokenizer"], model.parts["text_encoder"]
         ids = tokenize(tokenizer, prompts, tokenizer.model_max_length, model.device)
-        mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
-            mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").attention_mask.to(model.device)
-        return Text({"embeds": encoder(ids, attention_mask=mask)[0]})
+        mask = ids.attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
+        return Text({"embeds": encoder(ids.input_ids, attention_mask=mask)[0]})
 
     def forward(self, model, x_RChw: torch.Tensor, t_R: torch.Tensor, text: Text, guidance: float | None) -> torch.Tensor:
         return model.denoiser(x_RChw, t_R, encoder_hidden_states=text.embeds).sample
@@ -135,7 +134,7 @@ class SD3(Family):
         if encoder is None:  # the pipeline's zeros where the T5 encoder was left out
             width = model.denoiser.config.joint_attention_dim
             return torch.zeros(len(prompts), SD3_T5_TOKENS, width, device=model.device, dtype=dtype)
-        return encoder(tokenize(model.parts["tokenizer_3"], prompts, SD3_T5_TOKENS, model.device))[0]
+        return encoder(tokenize(model.parts["tokenizer_3"], prompts, SD3_T5_TOKENS, model.device).input_ids)[0]
 
     def forward(self, model, x_RChw, t_R, text, guidance):
         return model.denoiser(hidden_states=x_RChw, timestep=t_R, encoder_hidden_states=text.embeds,
@@ -166,8 +165,8 @@ class Flux(Family):
 
     def encode_text(self, model, prompts: list[str]) -> Text:
         clip_tok, clip = model.parts["tokenizer"], model.parts["text_encoder"]
-        pooled = clip(tokenize(clip_tok, prompts, clip_tok.model_max_length, model.device)).pooler_output
-        t5_ids = tokenize(model.parts["tokenizer_2"], prompts, FLUX_T5_TOKENS, model.device)
+        pooled = clip(tokenize(clip_tok, prompts, clip_tok.model_max_length, model.device).input_ids).pooler_output
+        t5_ids = tokenize(model.parts["tokenizer_2"], prompts, FLUX_T5_TOKENS, model.device).input_ids
         return Text({"embeds": model.parts["text_encoder_2"](t5_ids)[0], "pooled": pooled})
 
     def forward(self, model, x_RChw, t_R, text, guidance):
