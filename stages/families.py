@@ -19,6 +19,7 @@ Shape legend: R rows, C latent channels, h x w latent grid, L tokens, D text wid
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -105,7 +106,7 @@ class SDXL(Family):
     def forward(self, model, x_RChw, t_R, text, guidance):
         h, w = (side * model.vae_scale_factor for side in x_RChw.shape[-2:])
         # original size, crop top-left, target size: the edit size, uncropped (the img2img pipeline's defaults).
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=text.embeds.dtype, device=x_RChw.device)
+        time_ids = _size_time_ids(h, w, x_RChw.device, text.embeds.dtype)
         added = {"text_embeds": text.parts["pooled"], "time_ids": time_ids.expand(x_RChw.shape[0], -1)}
         return model.denoiser(x_RChw, t_R, encoder_hidden_states=text.embeds, added_cond_kwargs=added).sample
 
@@ -226,8 +227,17 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.view(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
 
 
+@functools.lru_cache(maxsize=32)
+def _size_time_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """SDXL's time ids (original size, crop top-left, target size) of an uncropped h x w edit, 1 x 6, made once per
+    size and device: the denoiser is called every step, and a fresh copy to the GPU would wait for its queue."""
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
 def latent_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
-    """FLUX's position ids of the image tokens: (0, row, col) per token, row-major, (rows * cols) x 3."""
+    """FLUX's position ids of the image tokens: (0, row, col) per token, row-major, (rows * cols) x 3; made once per
+    size and device (as :func:`_size_time_ids`). Callers must not modify the tensor."""
     ids = torch.zeros(rows, cols, 3)
     ids[..., 1] += torch.arange(rows)[:, None]
     ids[..., 2] += torch.arange(cols)[None, :]
