@@ -27,12 +27,6 @@ class MaskResult:
     mask_Bhw: torch.Tensor  # bool, soft > threshold
 
 
-def strength_timestep(model: DiffEditModel, num_steps: int, strength: float, shift: float | None = None) -> torch.Tensor:
-    """The level at which a denoising of ``strength`` x the schedule starts (diffusers' img2img rule): a DDPM
-    timestep for the diffusion families, a sigma for the flow ones."""
-    return model.schedule(num_steps, 1, (2, 2), shift).mask_level(strength)
-
-
 def normalize_map(diff_Bhw: torch.Tensor, config: MaskConfig) -> MaskResult:
     """Clip extreme values at ``clip_ratio`` x the image's own mean and rescale to [0, 1], image by image.
 
