@@ -1,7 +1,7 @@
 """Choose a model's recommended DiffEdit defaults on a *tuning* set: held-out scenes of seed 1, disjoint from
 the scenes `diffedit eval` and bench/quality.py report on (seed 0), so the reported numbers are not tuned on.
 
-    python bench/tune_defaults.py [N] > docs/quality/tuning.jsonl      # N one-object scenes (default 32)
+    python bench/tune_defaults.py [N] [--model DIR] > docs/quality/tuning.jsonl   # N one-object scenes (default 32)
 
 Grid: guidance {3, 5, 7.5} x encoding ratio {0.8, 0.9} x threshold {0.5, 0.75}; colour and shape edits, judged
 as `diffedit eval` judges them. Mask inference depends on none of the three except the threshold, so it runs
@@ -33,16 +33,20 @@ THRESHOLD = (0.5, 0.75)
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("n", type=int, nargs="?", default=32, help="held-out one-object scenes of the tuning set (default 32)")
+    p.add_argument("--model", default=str(SHIPPED_MODEL), help="the model folder (default: the shipped shapes model)")
+    p.add_argument("--threshold", type=float, nargs="+", default=THRESHOLD, help=f"thresholds (default {THRESHOLD})")
+    p.add_argument("--guidance", type=float, nargs="+", default=GUIDANCE, help=f"guidance scales (default {GUIDANCE})")
+    p.add_argument("--encode-ratio", type=float, nargs="+", default=ENCODE_RATIO, help=f"default {ENCODE_RATIO}")
     args = p.parse_args(argv)
-    model = load_model(SHIPPED_MODEL, device="cpu", dtype="fp32")
+    model = load_model(args.model, device="cpu", dtype="fp32")
     base = EditConfig()  # the paper's defaults; the grid varies three of them
     held = ev.heldout_scenes(args.n, seed=1)
     edits = ev.heldout_edits(held)
     recon = ev.vae_ceilings(model, held)
     res = model.resolution
     soft_cache = None
-    for thr in THRESHOLD:
-        for g, r in itertools.product(GUIDANCE, ENCODE_RATIO):
+    for thr in args.threshold:
+        for g, r in itertools.product(args.guidance, args.encode_ratio):
             cfg = base.replace(guidance=g, encode_ratio=r, threshold=thr)
 
             def edit_and_judge():

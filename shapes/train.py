@@ -14,6 +14,10 @@ across several time-limited commands (``--resume``). The result is a Stable Diff
 ``OUT/metrics.json`` (VAE reconstruction PSNR on held-out scenes, parameter counts, steps, seconds).
 
     python -m diffedit.shapes.train --out runs/ldm --vae-minutes 3 --unet-minutes 5 [--minutes 9] [--resume]
+    python -m diffedit.shapes.train --out runs/ldm2 --init models/shapes-ldm --unet-minutes 17 --unet-lr 2e-4
+
+``--init`` continues a saved model (its VAE kept frozen, its UNet and text encoder trained further with a fresh
+optimizer and schedule): the "more steps" way to a stronger model (docs/TRAINING.md).
 
 Tensor names carry their shapes: B batch, C channels, H/W height/width, L tokens.
 """
@@ -60,6 +64,8 @@ class TrainConfig:
     min_snr_gamma: float = 5.0  # Min-SNR weighting (Hang et al. 2023), which speeds up convergence
     ema_decay: float = 0.999
     workers: int = 0  # scene-generation processes; 0: all CPUs
+    pool_cache: str | None = None  # a folder where the pool is saved once, for trainers running side by side
+    init: str | None = None  # a saved Stable Diffusion folder to continue (VAE kept, UNet + text encoder trained on)
     eval_scenes: int = 512  # held-out scenes (seed 0) for the VAE's PSNR
 
 
@@ -96,6 +102,21 @@ def build_models(tokenizer):
         norm_num_groups=32,
     )
     return vae, text_encoder, unet, sd_ddim_scheduler()
+
+
+def load_init(folder: str):
+    """(vae, text_encoder, unet, scheduler, tokenizer) of a saved Stable Diffusion folder, in float32, to train on."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parts = {
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+    }
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    return parts["vae"].float(), parts["text_encoder"].float(), parts["unet"].float(), scheduler, tokenizer
 
 
 def make_tokenizer(folder: Path):
@@ -135,6 +156,26 @@ def generate_pool(seed: int, n: int, workers: int):
         [c for p in parts for c in p[1]],
         np.concatenate([p[2] for p in parts]),
     )
+
+
+def cached_pool(seed: int, n: int, workers: int, cache: str | None):
+    """:func:`generate_pool`, saved in ``cache`` (when given) by the first of several trainers that ask for the same
+    (seed, n) at once, and read by the others (a file lock makes them wait for it)."""
+    if not cache:
+        return generate_pool(seed, n, workers)
+    import fcntl
+
+    folder = Path(cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"pool-{seed}-{n}.npz"
+    with open(folder / f"pool-{seed}-{n}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            images, captions, backgrounds = generate_pool(seed, n, workers)
+            np.savez(folder / "tmp.npz", images=images, captions=np.array(captions), backgrounds=backgrounds)
+            os.replace(folder / "tmp.npz", path)
+    data = np.load(path)
+    return data["images"], [str(c) for c in data["captions"]], data["backgrounds"]
 
 
 def to_pixels(images_BHWC: torch.Tensor) -> torch.Tensor:
@@ -424,6 +465,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
     p.add_argument("--pool", type=int, default=defaults.pool, help="training scenes generated per invocation")
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"training scene seed offset (seeds are {scenes.TRAIN_SEED_MIN:,} + this)")
+    p.add_argument("--init", default=None, help="a saved model folder to train further (its VAE is kept as it is)")
+    p.add_argument("--unet-lr", type=float, default=defaults.unet_lr, help="peak learning rate of the UNet phase")
+    p.add_argument("--pool-cache", default=None, help="folder to share the generated scenes with trainers running beside")
     p.add_argument("--unet-batch", type=int, default=defaults.unet_batch)
     p.add_argument("--vae-batch", type=int, default=defaults.vae_batch)
     p.add_argument("--workers", type=int, default=0, help="scene-generation processes (0: all CPUs)")
@@ -432,7 +476,8 @@ def main(argv=None) -> int:
     cfg = TrainConfig(
         out=args.out, vae_minutes=args.vae_minutes, unet_minutes=args.unet_minutes, minutes=args.minutes,
         resume=args.resume, pool=args.pool, seed=args.seed, unet_batch=args.unet_batch, vae_batch=args.vae_batch,
-        workers=args.workers, eval_scenes=args.eval_scenes,
+        workers=args.workers, eval_scenes=args.eval_scenes, init=args.init, unet_lr=args.unet_lr,
+        pool_cache=args.pool_cache,
     )
     start = time.time()
     deadline = start + (cfg.minutes * 60 if cfg.minutes else 1e12)
@@ -443,11 +488,16 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = True
 
     # 1. Tokenizer and models (fresh, or from the checkpoint)
-    tokenizer = make_tokenizer(out / "tokenizer_src")
     torch.manual_seed(cfg.seed)
-    vae, text_encoder, unet, scheduler = build_models(tokenizer)
+    if cfg.init:
+        vae, text_encoder, unet, scheduler, tokenizer = load_init(cfg.init)
+    else:
+        tokenizer = make_tokenizer(out / "tokenizer_src")
+        vae, text_encoder, unet, scheduler = build_models(tokenizer)
     ckpt = Checkpoint(out)
     progress = ckpt.progress() if cfg.resume else {}
+    if cfg.init and not progress:  # the VAE is the saved one: straight to the UNet phase
+        progress = {"vae_done": True, "scaling_factor": vae.config.scaling_factor, "init": cfg.init}
     if cfg.resume:
         ckpt.load({"vae": vae, "unet": unet, "text_encoder": text_encoder}, {})
         for module, name in [(unet, "unet"), (text_encoder, "text_encoder")]:  # a checkpoint kept small: EMA only
@@ -465,7 +515,7 @@ def main(argv=None) -> int:
     # 2. Training scenes of this invocation (fresh seeds on every resume)
     t = time.time()
     seed = scenes.TRAIN_SEED_MIN + cfg.seed + invocation
-    images, captions, _ = generate_pool(seed, cfg.pool, cfg.workers)
+    images, captions, _ = cached_pool(seed, cfg.pool, cfg.workers, cfg.pool_cache)
     pool_images = torch.from_numpy(images).to(device)
     print(f"pool: {len(captions)} scenes of seed {seed} in {time.time() - t:.1f} s", flush=True)
 
