@@ -416,15 +416,29 @@ def export(out: Path, vae, text_encoder, unet, tokenizer, scheduler, dtype=torch
     return folder
 
 
+def append_csv(path: Path, header: str, rows: list[tuple]):
+    """Append a loss log's rows to a CSV (the header first, when the file is new): curves over resumed runs."""
+    new = not path.is_file()
+    with open(path, "a") as f:
+        if new:
+            f.write(header + "\n")
+        f.writelines(",".join(f"{v:.6g}" for v in r) + "\n" for r in rows)
+
+
+def start_run(out: str, minutes: float | None):
+    """(start time, this invocation's deadline, the run folder, the device) of a training invocation."""
+    start = time.time()
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return start, start + (minutes * 60 if minutes else 1e12), folder, device
+
+
 def write_curves(out: Path, vae_log: list, unet_log: list):
     for name, header, rows in [("loss_vae", "step,seconds,l1,l2,kl", vae_log), ("loss_unet", "step,seconds,loss", unet_log)]:
-        path = out / f"{name}.csv"
-        new = not path.is_file()
-        with open(path, "a") as f:
-            if new:
-                f.write(header + "\n")
-            for r in rows:
-                f.write(",".join(f"{v:.6g}" for v in r) + "\n")
+        append_csv(out / f"{name}.csv", header, rows)
     try:
         import matplotlib
 
@@ -479,13 +493,7 @@ def main(argv=None) -> int:
         workers=args.workers, eval_scenes=args.eval_scenes, init=args.init, unet_lr=args.unet_lr,
         pool_cache=args.pool_cache,
     )
-    start = time.time()
-    deadline = start + (cfg.minutes * 60 if cfg.minutes else 1e12)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    start, deadline, out, device = start_run(cfg.out, cfg.minutes)
 
     # 1. Tokenizer and models (fresh, or from the checkpoint)
     torch.manual_seed(cfg.seed)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from diffedit.shapes import scenes
-from diffedit.shapes.train import generate_pool, lr_at
+from diffedit.shapes.train import append_csv, generate_pool, lr_at
 
 NAME = "shapes-clip"
 CONTEXT_LENGTH = 32
@@ -150,12 +150,7 @@ def main(argv=None) -> int:
 
     state = {k: v.detach().half().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / NAME / "open_clip_model.safetensors")
-    path = out / "loss_clip.csv"
-    new = not path.is_file()
-    with open(path, "a") as f:
-        if new:
-            f.write("step,seconds,loss\n")
-        f.writelines(",".join(f"{v:.6g}" for v in r) + "\n" for r in log)
+    append_csv(out / "loss_clip.csv", "step,seconds,loss", log)
     (out / "clip_metrics.json").write_text(json.dumps({**progress, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}) + "\n")
     return 0
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from diffedit.shapes import scenes
-from diffedit.shapes.train import (EMA, Checkpoint, _ShadowView, cached_pool, encode_pool, load_init, lr_at,
-                                   n_params)
+from diffedit.shapes.train import (EMA, Checkpoint, _ShadowView, append_csv, cached_pool, encode_pool, load_init,
+                                   lr_at, n_params, start_run)
 from diffedit.stages.families import SD3_T5_TOKENS
 
 # Recommended DiffEdit defaults of the flow model (the `diffedit run` option names); docs/QUALITY.md gives how they
@@ -161,6 +161,8 @@ class FlowTrainer:
             if time.time() - last_save > 60:
                 self.save(step, spent + time.time() - t0)
                 last_save = time.time()
+        if step > first and step % 50:  # the curve ends where training stopped
+            self.log.append((step, spent + time.time() - t0, loss.item()))
         self.save(step, spent + time.time() - t0)
         self.progress["flow_done"] = self.progress["flow_seconds"] >= budget
         self.ckpt.save({}, {}, self.progress)
@@ -181,15 +183,6 @@ def export(out: Path, transformer, text_encoder, text_encoder_2, tokenizer, sche
     pipe.to(torch.float16).save_pretrained(out / "model", safe_serialization=True)
     (out / "model" / "diffedit.json").write_text(json.dumps(FLOW_DEFAULTS, indent=1) + "\n")
     return out / "model"
-
-
-def write_curve(out: Path, rows: list[tuple]):
-    path = out / "loss_flow.csv"
-    new = not path.is_file()
-    with open(path, "a") as f:
-        if new:
-            f.write("step,seconds,loss\n")
-        f.writelines(",".join(f"{v:.6g}" for v in r) + "\n" for r in rows)
 
 
 def plot_curves(curves: dict[str, Path], out_png: Path):
@@ -232,12 +225,7 @@ def parse(argv=None) -> FlowConfig:
 
 def main(argv=None) -> int:
     cfg = parse(argv)
-    start = time.time()
-    deadline = start + (cfg.minutes * 60 if cfg.minutes else 1e12)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    start, deadline, out, device = start_run(cfg.out, cfg.minutes)
     torch.manual_seed(cfg.seed)
     vae, ldm_text_encoder, _, _, tokenizer = load_init(cfg.init)
     transformer, text_encoder, text_encoder_2, scheduler = build_flow_models(cfg, ldm_text_encoder, tokenizer)
@@ -271,7 +259,7 @@ def main(argv=None) -> int:
         for m in models:
             m.train()
         trainer.train(deadline)
-    write_curve(out, trainer.log)
+    append_csv(out / "loss_flow.csv", "step,seconds,loss", trainer.log)
     plot_curves({"flow loss (velocity MSE)": out / "loss_flow.csv"}, out / "loss_flow.png")
     averaged = [m.float().cpu() for m in trainer.averaged()]
     folder = export(out, *averaged, tokenizer, scheduler, vae.float().cpu(), progress)
