@@ -32,9 +32,11 @@ from diffedit.shapes.train import (EMA, Checkpoint, _ShadowView, append_csv, cac
                                    lr_at, n_params, start_run)
 from diffedit.stages.families import SD3_T5_TOKENS
 
-# Recommended DiffEdit defaults of the flow model (the `diffedit run` option names); docs/QUALITY.md gives how they
-# were chosen. Steps: the paper's 50 (the SD3 family's default is its pipelines' 28).
-FLOW_DEFAULTS = {"steps": 50}
+# Recommended DiffEdit defaults of the flow model (the `diffedit run` option names). Steps: the paper's 50 (the SD3
+# family's default is its pipelines' 28). Threshold and encoding ratio: chosen on the tuning scenes (seed 1) by
+# bench/tune_defaults.py (docs/quality/flow/tuning.jsonl, docs/QUALITY.md): 0.75 tightened the mask at the same
+# success, and r = 0.7 recoloured more than 0.8 (41% against 31%) with the same colour + shape total.
+FLOW_DEFAULTS = {"steps": 50, "threshold": 0.75, "encode_ratio": 0.7}
 
 
 @dataclass

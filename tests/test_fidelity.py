@@ -223,8 +223,11 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_photographs_come_back_at_their_size_with_the_source_outside_the_band(photo_shards, tmp_path):
-    df = _run(photo_shards, tmp_path / "png")
+@pytest.mark.parametrize("model", [None, "shapes-flow"], ids=["unet", "flow"])
+def test_photographs_come_back_at_their_size_with_the_source_outside_the_band(photo_shards, tmp_path, model):
+    """With the shipped UNet model, and through the flow engine with the shipped rectified-flow model."""
+    extra = ["--model", str(SHIPPED_MODEL.parent / model)] if model else []
+    df = _run(photo_shards, tmp_path / "png", *extra)
     run = json.loads((tmp_path / "png" / "run.json").read_text())
     ok = df[df.status == "ok"]
     assert len(ok) == len(PHOTOS)
