@@ -109,14 +109,11 @@ def load_init(folder: str):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    parts = {
-        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-    }
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").float()
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float()
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    return parts["vae"].float(), parts["text_encoder"].float(), parts["unet"].float(), scheduler, tokenizer
+    return vae, text_encoder, unet, scheduler, CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
 
 
 def make_tokenizer(folder: Path):
@@ -172,8 +169,9 @@ def cached_pool(seed: int, n: int, workers: int, cache: str | None):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
             images, captions, backgrounds = generate_pool(seed, n, workers)
-            np.savez(folder / "tmp.npz", images=images, captions=np.array(captions), backgrounds=backgrounds)
-            os.replace(folder / "tmp.npz", path)
+            tmp = folder / f"pool-{seed}-{n}.tmp.npz"
+            np.savez(tmp, images=images, captions=np.array(captions), backgrounds=backgrounds)
+            os.replace(tmp, path)
     data = np.load(path)
     return data["images"], [str(c) for c in data["captions"]], data["backgrounds"]
 

@@ -126,7 +126,7 @@ class FlowTrainer:
                     torch._foreach_copy_([p for p in ema.module.parameters()], ema.shadow)
         self.log: list[tuple] = []
 
-    def step(self, step: int, lr: float) -> torch.Tensor:
+    def step(self, lr: float) -> torch.Tensor:
         cfg, device = self.cfg, self.means.device
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -156,7 +156,7 @@ class FlowTrainer:
         step, spent = self.progress.get("flow_step", 0), self.progress.get("flow_seconds", 0.0)
         first, t0, last_save = step, time.time(), time.time()
         while spent + (time.time() - t0) < budget and time.time() < deadline:
-            loss = self.step(step, lr_at(self.cfg.lr, (spent + time.time() - t0) / budget, step - first))
+            loss = self.step(lr_at(self.cfg.lr, (spent + time.time() - t0) / budget, step - first))
             step += 1
             if step % 50 == 0:
                 self.log.append((step, spent + time.time() - t0, loss.item()))
@@ -201,7 +201,8 @@ def plot_curves(curves: dict[str, Path], out_png: Path):
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
     for ax, (name, path) in zip(axes[0], curves.items()):
         data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-        ax.plot(data[:, 0], data[:, 2])
+        if data.shape[-1] == 3:  # a curve without rows yet is left empty
+            ax.plot(data[:, 0], data[:, 2])
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(name)
