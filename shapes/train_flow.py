@@ -10,6 +10,7 @@ projections concatenated. It is trained with the rectified-flow objective of SD3
 The text encoders train with the transformer. The shipped weights are an exponential moving average.
 
     python -m diffedit.shapes.train_flow --out runs/flow --init models/shapes-ldm --total-minutes 17 [--minutes 8.5] [--resume]
+    python -m diffedit.shapes.train_flow --out runs/flow2 --init models/shapes-ldm --init-flow models/shapes-flow ...
 
 The result is a diffusers folder (``OUT/model``: StableDiffusion3Pipeline's layout, fp16 safetensors, no T5, plus
 ``diffedit.json``) that ``diffedit run --model`` loads through the SD3 family, the loss curve (``OUT/loss_flow.csv``)
@@ -57,6 +58,7 @@ class FlowConfig:
     shift: float = 1.0  # the scheduler's shift at inference (64 x 64 scenes: SD3's shift 3 is for 1024 x 1024)
     workers: int = 0
     pool_cache: str | None = None
+    init_flow: str | None = None  # a saved flow model to train further (fresh optimizer and schedule)
 
 
 def build_flow_models(cfg: FlowConfig, ldm_text_encoder, tokenizer):
@@ -81,6 +83,21 @@ def build_flow_models(cfg: FlowConfig, ldm_text_encoder, tokenizer):
         caption_projection_dim=32 * cfg.heads, pooled_projection_dim=config.projection_dim + small["projection_dim"],
         pos_embed_max_size=24)  # 24 patches: 192 px, room for every aspect-ratio bucket of a 64 x 64 budget
     return transformer, text_encoder, text_encoder_2, FlowMatchEulerDiscreteScheduler(shift=cfg.shift)
+
+
+def load_flow_weights(folder: str, models, progress: dict):
+    """Start from a saved flow model (``--init-flow``): its transformer's and text encoders' weights, and its VAE's
+    latent normalisation."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    saved = (SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer"),
+             CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder"),
+             CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"))
+    for model, source in zip(models, saved):
+        model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+    vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+    progress.update(shift_factor=vae["shift_factor"], scaling_factor=vae["scaling_factor"], init_flow=folder)
 
 
 def sd3_conditioning(text_encoder, text_encoder_2, ids_BL: torch.Tensor, joint_dim: int):
@@ -223,6 +240,7 @@ def parse(argv=None) -> FlowConfig:
     for name in ("lr", "shift"):
         p.add_argument(f"--{name}", type=float, default=getattr(d, name))
     p.add_argument("--pool-cache", default=None, help="folder to share the generated scenes with trainers beside")
+    p.add_argument("--init-flow", default=None, help="a saved flow model (e.g. models/shapes-flow) to train further")
     return FlowConfig(**vars(p.parse_args(argv)))
 
 
@@ -235,6 +253,8 @@ def main(argv=None) -> int:
     models = (transformer, text_encoder, text_encoder_2)
     ckpt = Checkpoint(out)
     progress = ckpt.progress() if cfg.resume else {}
+    if cfg.init_flow and not progress:
+        load_flow_weights(cfg.init_flow, models, progress)
     invocation = progress.get("invocations", 0)
     progress.update(invocations=invocation + 1, config=asdict(cfg))
     counts = {"transformer": n_params(transformer), "text_encoder": n_params(text_encoder),

@@ -97,6 +97,21 @@ def test_flow_run_resumes_from_its_checkpoint(flow_run):
     assert len(rows) >= 2 and rows[-1, 0] == progress["flow_step"] and np.all(np.isfinite(rows[:, 2]))
 
 
+def test_flow_trainer_continues_a_saved_flow_model(flow_run, tmp_path):
+    from safetensors.torch import load_file
+
+    saved = flow_run[0] / "model"
+    out = tmp_path / "flow2"
+    argv = ["--out", str(out), "--init", str(MODELS / "shapes-ldm"), "--init-flow", str(saved), "--total-minutes",
+            "0.01", "--seed", "1", *TINY]  # another seed: a fresh transformer would differ from the saved one
+    assert train_flow.main(argv) == 0
+    progress = json.loads((out / "ckpt" / "progress.json").read_text())
+    vae = json.loads((saved / "vae" / "config.json").read_text())
+    assert progress["shift_factor"] == vae["shift_factor"] and progress["init_flow"] == str(saved)
+    after, before = (load_file(p / "transformer" / "diffusion_pytorch_model.safetensors") for p in (out / "model", saved))
+    assert max((after[k].float() - before[k].float()).abs().max().item() for k in before) < 1e-2  # continued, not new
+
+
 def test_unet_trainer_continues_a_saved_model(tmp_path):
     from safetensors.torch import load_file
 
