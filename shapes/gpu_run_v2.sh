@@ -12,20 +12,14 @@
 # optimizers, new warm-up). With BACKUP_DIR set it leaves there, in parts of 15 MB:
 #   resume.tar.part-*   what the next command needs (EMA weights and progress of both)
 #   result.tar.part-*   the exported models (RUN_DIR/ldm2/model, RUN_DIR/flow/model), logs, curves, metrics
-# Wheels for what the machine lacks (diffusers) are read from $WHEELS (default .whl); a machine that imports
-# diffusers skips that step.
+# Run from the repository root. What the machine lacks (diffusers) is installed from the wheels in $WHEELS
+# (default .whl) by bench/on_gpu.sh, which also makes the repository importable and then runs this script again.
 set -euo pipefail
+if [ -z "${DIFFEDIT_ON_GPU:-}" ]; then
+  DIFFEDIT_ON_GPU=1 exec bash bench/on_gpu.sh bash "$0" "$@"
+fi
 run=${1:?run dir}; unet=${2:?unet minutes}; flow=${3:?flow minutes}; minutes=${4:?minutes}; backup=${5:-}
 restore=${RESTORE:-$backup}
-wheels=${WHEELS:-.whl}
-if ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/diffusers-*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-if ! python3 -c "import diffedit" 2>/dev/null; then  # the repository root is the package
-  mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/diffedit && export PYTHONPATH=/tmp/pkg:${PYTHONPATH:-}
-fi
-export PYTHONUNBUFFERED=1
 mkdir -p "$run"
 if [ ! -f "$run/ldm2/ckpt/progress.json" ] && [ -n "$restore" ] && ls "$restore"/resume.tar.part-* >/dev/null 2>&1; then
   cat "$restore"/resume.tar.part-* | tar xf - -C "$run"
