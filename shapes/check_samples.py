@@ -3,7 +3,8 @@
 For each held-out one-object scene (seed 0), the model's pipeline draws the caption (50 steps, guidance 3;
 DDIM for the UNet model, the flow model's own Euler sampler for the transformer); the judge takes the pixels
 whose colour is nearest the caption's object colour (within a distance), checks that they are the largest
-colour blob, and compares the blob's silhouette with the scene generator's masks of the four shapes by IoU. Writes a PNG grid (rows: generated, reference).
+colour blob, and compares the blob's silhouette with the scene generator's masks of the four shapes by IoU.
+Writes a PNG grid (rows: generated, reference).
 
     python -m diffedit.shapes.check_samples --model models/shapes-ldm --n 32 --out docs/shapes_samples.png
     python -m diffedit.shapes.check_samples --model models/shapes-flow --n 64
