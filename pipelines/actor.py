@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -123,7 +124,6 @@ class EditActor:
 
     def __init__(self, engine: EngineConfig, edit: EditConfig, scores: ScoreConfig | None, output: OutputConfig,
                  sampling: SamplingConfig, max_pixels: int, output_dir: str, pad_to: int | None = None, board=None):
-        from ..stages.model import load_model
         from .progress import report
 
         t0 = time.time()
@@ -132,12 +132,11 @@ class EditActor:
         self.writer = _writer()
         self.edit, self.output, self.sampling, self.max_pixels, self.pad_to = edit, output, sampling, max_pixels, pad_to
         self._device = threading.Lock()  # one batch at a time on the model (and the scorer)
-        self.model = load_model(engine.model, device=engine.device, dtype=engine.dtype, max_batch=engine.max_batch)
+        self._graphs_saved = 0  # graphs compiled when the compile cache was last written
+        self.model, self.compiled, cached = _engine_model(engine, output_dir)
         from ..stages.editor import check_frame
 
         check_frame(self.model, edit.frame)  # a forced --resolution this model cannot take fails the job at once
-        if engine.compile:
-            self.model.compile()  # lazy: the first batch of each shape compiles
         self.scorer = None
         if scores is not None:
             from dataclasses import replace
@@ -146,7 +145,7 @@ class EditActor:
 
             self.scorer = Scorer(replace(scores, device=str(self.model.device)))
         report(board, "actor_ready", f"model loaded on {self.model.device} in {time.time() - t0:.0f} s"
-               + (", compiling at its first batch" if engine.compile else ""))
+               + (f", compiling at its first batch ({cached} graphs in the compile cache)" if engine.compile else ""))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
@@ -155,8 +154,21 @@ class EditActor:
         pending = [r for r in rows if r["status"] == "pending"]
         if pending:
             self._edit(pending)
+            self._save_compiled()
         unscored = mark_best(rows, self.sampling.best_by)
         return pa.Table.from_pylist([_account(rows, self.store.stage(rows, self.writer), unscored)], schema=PART_SCHEMA)
+
+    def _save_compiled(self) -> None:
+        """Add the graphs this actor compiled since its last save to the shared compile cache (once per new shape)."""
+        if self.compiled is None:
+            return
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        with self._device:
+            if graphs != self._graphs_saved:
+                self._graphs_saved = graphs
+                self.compiled.save()
 
     def _samples(self, row: dict) -> list[dict]:
         """Best-of-k: an edit's k samples, its image decoded once, edited in this call as k independent edits
@@ -205,6 +217,23 @@ class EditActor:
                      **_images(e, r["_pil"], self.output))
             if e.latents is not None:
                 r.update(latents=e.latents.flatten().numpy(), latents_shape=list(e.latents.shape))
+
+
+def _engine_model(engine: EngineConfig, output_dir: str):
+    """(the model as ``engine`` asks: loaded, in fp8, compiled; its compile cache or None; graphs in that cache)."""
+    from ..stages.compile_cache import CompileCache
+    from ..stages.model import load_model
+
+    model = load_model(engine.model, device=engine.device, dtype=engine.dtype, max_batch=engine.max_batch)
+    if engine.fp8:
+        model.to_fp8()
+    if not engine.compile:
+        return model, None, 0
+    folder = engine.compile_cache or str(Path(output_dir) / "compile-cache")
+    cache = None if folder == "off" else CompileCache(folder, model.device)
+    cached = cache.load() if cache else 0
+    model.compile(mode=None if engine.compile_mode == "default" else engine.compile_mode)  # lazy: at each new shape
+    return model, cache, cached
 
 
 def encode_image(image, fmt: str) -> bytes:

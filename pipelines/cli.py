@@ -32,15 +32,15 @@ def _default_text(f) -> str:
     return f" (default {f.default:,})" if isinstance(f.default, int) else f" (default {f.default})"
 
 
-def add_config_flags(parser, config_cls, *, edit: bool = False) -> list[str]:
-    """Add a flag per command-line field of ``config_cls`` (``stages.config.option``); returns their names. Flags
-    default to None, meaning the config's own default (for edit parameters: the model's diffedit.json, else the
-    paper's), so defaults live in the configs only."""
+def add_config_flags(parser, config_cls, *, edit: bool = False, only: tuple[str, ...] | None = None) -> list[str]:
+    """Add a flag per command-line field of ``config_cls`` (``stages.config.option``; those named in ``only``, if
+    given); returns their names. Flags default to None, meaning the config's own default (for edit parameters: the
+    model's diffedit.json, else the paper's), so defaults live in the configs only."""
     from ..stages.config import flag_name
     from .config import cli_fields
 
     hints, names = typing.get_type_hints(config_cls), []
-    for f in cli_fields(config_cls):
+    for f in (f for f in cli_fields(config_cls) if only is None or flag_name(f) in only):
         name, kind = flag_name(f), _flag_type(hints[f.name])
         flags, help_ = ["--" + name.replace("_", "-"), *f.metadata.get("aliases", ())], f.metadata["help"]
         if edit:

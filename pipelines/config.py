@@ -22,6 +22,7 @@ from ..stages.config import FLAT_KEYS, EditConfig, ScoreConfig, check, flag_name
 from .inputs import DEFAULT_MAX_PIXELS
 from .shards import DEFAULT_MAX_MEMBER_BYTES
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 CALLS_IN_FLIGHT = 2  # EditActor calls at once per GPU actor (threads): one on the GPU, one on the CPU
 
 
@@ -36,10 +37,23 @@ class EngineConfig:
     # One UNet call's batch is capped (the mask's n noise samples multiply it): bounds GPU memory, at no cost in
     # throughput from 64 on an H200 at SD 1.5 scale (docs/BENCHMARKS.md).
     max_batch: int | None = option(64, "cap on one UNet call's batch (bounds GPU memory)")
-    compile: bool = option(False, "torch.compile the UNet and the VAE in each actor (GPU; about 1.5 min at the start)")
+    compile: bool = option(False, "torch.compile the UNet and the VAE in each actor (GPU; about 1.5 min at the start "
+                                  "without a warm --compile-cache)")
+    # reduce-overhead: CUDA graphs around each compiled call (fixed shapes; the job pads its batches).
+    compile_mode: str = option("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs) "
+                                          "or max-autotune", choices=COMPILE_MODES)
+    # Every actor loads the folder's compiled graphs before compiling and adds those it built (stages/compile_cache.py).
+    compile_cache: str | None = option(None, "folder of compiled graphs shared by every actor and run with --compile, "
+                                             "on a path all nodes see (default: OUTPUT/compile-cache; 'off': none)")
+    fp8: bool = option(False, "the denoiser's linear layers in float8 with dynamic scaling (torchao; CUDA compute "
+                              "capability 8.9+: Ada, Hopper, Blackwell)")
 
     def __post_init__(self):
         check(self.max_batch is None or self.max_batch >= 1, f"`--max-batch` must be >= 1 but is {self.max_batch}.")
+        check(self.compile_mode in COMPILE_MODES,
+              f"`--compile-mode` must be one of {', '.join(COMPILE_MODES)} but is {self.compile_mode!r}.")
+        check(self.compile or (self.compile_mode == "default" and self.compile_cache is None),
+              "`--compile-mode` and `--compile-cache` need `--compile`.")
 
 
 @dataclass(frozen=True)
@@ -105,10 +119,30 @@ class ResourceConfig:
         check(self.gpus_per_actor > 0, f"`--gpus-per-actor` must be positive but is {self.gpus_per_actor}.")
 
 
+# --preset: edit parameters chosen together, each of which passed the quality gate on the shapes benchmark
+# (docs/BENCHMARKS.md, "Faster edits"). A flag given explicitly wins over the preset; the preset wins over the
+# model's diffedit.json. name -> (the families it was measured on, its values).
+PRESETS = {"fast": (("sd", "sdxl"), {"steps": 25})}
+
+
+def resolve_preset(name: str | None, family: str) -> dict:
+    """The edit parameters of preset ``name`` for a model of ``family`` ({} for None)."""
+    if name is None:
+        return {}
+    check(name in PRESETS, f"`--preset` must be one of {', '.join(PRESETS)} but is {name!r}.")
+    families, values = PRESETS[name]
+    check(family in families, f"--preset {name} is defined for {', '.join(families)} models (measured on them "
+                              f"only); this model is {family}. Set the flags one by one instead.")
+    return dict(values)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How this invocation behaves: never changes a row."""
 
+    preset: str | None = option(None, "edit parameters chosen together: fast (25 DDIM steps: 1.7x the default's "
+                                      "edits/s at equal quality on the shapes benchmark; docs/BENCHMARKS.md); flags "
+                                      "given explicitly win", choices=tuple(PRESETS))
     limit: int | None = option(None, "edit only the first N samples")
     overwrite: bool = option(False, "delete an existing job in --output and start again")
     retry_errors: bool = option(True, "a rerun edits again the edits that have error rows (--no-retry-errors keeps "
@@ -119,6 +153,8 @@ class RunConfig:
 
     def __post_init__(self):
         check(self.limit is None or self.limit >= 1, f"`--limit` must be >= 1 but is {self.limit}.")
+        check(self.preset is None or self.preset in PRESETS,
+              f"`--preset` must be one of {', '.join(PRESETS)} but is {self.preset!r}.")
 
 
 # The components of a job: name -> config class. The names are run.json's sections and JobConfig's fields.

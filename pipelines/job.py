@@ -26,7 +26,7 @@ from ..manifests.schema import SCHEMA_VERSION, first_row, sample_id
 from ..manifests.store import OutputStore
 from ..stages.config import EditConfig
 from .actor import EditActor, ExpandOptions, done_ids, expand_sample, read_samples
-from .config import CALLS_IN_FLIGHT, JobConfig, identity, serialise
+from .config import CALLS_IN_FLIGHT, JobConfig, identity, resolve_preset, serialise
 from .inputs import expand_inputs
 from .progress import ProgressBoard, ProgressLine, quiet_ray
 from .prompts import PromptSpec
@@ -78,7 +78,8 @@ def plan_job(job: JobConfig, log) -> Plan:
     shards = expand_inputs(list(job.inputs))
     spec = PromptSpec.load(job.input.prompts)
     probe = describe_model(model_path)  # recommended defaults + fingerprint, from the files
-    edit = EditConfig.from_flat(probe["recommended"], **job.edit)
+    preset = resolve_preset(job.run.preset, probe["family"])
+    edit = EditConfig.from_flat({**probe["recommended"], **preset}, **job.edit)
     sizes = _edit_sizes(edit, probe)
     _check_family_options(edit, probe["family"])
     sampling = job.sampling
@@ -111,9 +112,14 @@ def _check_family_options(edit: EditConfig, family: str) -> None:
     """Options that only some families take, refused before any work for the others."""
     from ..stages.sources import FAMILIES
 
+    flow = ", ".join(name for name, spec in FAMILIES.items() if spec.schedule == "flow")
+    diffusion = ", ".join(name for name, spec in FAMILIES.items() if spec.schedule != "flow")
     if edit.encode.shift is not None and FAMILIES[family].schedule != "flow":
-        flow = ", ".join(name for name, spec in FAMILIES.items() if spec.schedule == "flow")
         raise ValueError(f"--shift applies to the rectified-flow families ({flow}); this model is {family}.")
+    unet_only = {"--solver dpm": edit.encode.solver != "ddim", "--cache-interval": edit.decode.cache_interval > 1,
+                 "--encode-cache-interval": edit.encode.cache_interval > 1}
+    for flag in (f for f, used in unet_only.items() if used and FAMILIES[family].schedule == "flow"):
+        raise ValueError(f"{flag} applies to the UNet families ({diffusion}); this model is {family}.")
 
 
 def _describe_scorers(job: JobConfig, log) -> dict | None:

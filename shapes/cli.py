@@ -35,7 +35,20 @@ def _add_eval(subparsers, add_edit_flags) -> None:
     p.add_argument("--overwrite", action="store_true", help="restart a job already in --out with other parameters")
     p.add_argument("--rows", action="store_true", help="also print every edit's metrics (key 'rows')")
     add_edit_flags(p)
+    _add_job_flags(p)
     p.set_defaults(func=_eval)
+
+
+# The job options `eval` passes through to its job, besides the edit parameters: how the engine runs, the preset.
+EVAL_JOB_FLAGS = ("fp8", "compile", "compile_mode", "compile_cache", "preset")
+
+
+def _add_job_flags(parser) -> None:
+    from ..pipelines.cli import add_config_flags
+    from ..pipelines.config import EngineConfig, RunConfig
+
+    for config_cls in (EngineConfig, RunConfig):
+        add_config_flags(parser, config_cls, only=EVAL_JOB_FLAGS)
 
 
 

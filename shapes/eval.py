@@ -274,8 +274,9 @@ def _mask(data: bytes, size: int) -> np.ndarray:
 
 def run_eval(n: int = 64, seed: int = EVAL_SEED, model: str | None = None, out: str | None = None,
              edit: dict | None = None, edit_seed: int = 0, batch_size: int = 8, device: str = "auto",
-             overwrite: bool = False, log=print) -> tuple[dict, list[dict]]:
-    """Write the held-out shard, run the real job on it, judge every row; returns (summary, per-edit rows)."""
+             overwrite: bool = False, log=print, job: dict | None = None) -> tuple[dict, list[dict]]:
+    """Write the held-out shard, run the real job on it, judge every row; returns (summary, per-edit rows).
+    ``edit``: edit parameters (flat keys); ``job``: other options of the job (``fp8=True``, ``compile=True``)."""
     import ray
 
     from ..pipelines.config import JobConfig
@@ -292,7 +293,8 @@ def run_eval(n: int = 64, seed: int = EVAL_SEED, model: str | None = None, out: 
     rules.write_text(json.dumps(EVAL_RULES, indent=1))
     was_running = ray.is_initialized()
     run_job(JobConfig.from_flat([str(shard)], work / "job", model=model, prompts=str(rules), **dict(edit or {}),
-                                seed=edit_seed, batch_size=batch_size, device=device, overwrite=overwrite), log=log)
+                                **dict(job or {}), seed=edit_seed, batch_size=batch_size, device=device,
+                                overwrite=overwrite), log=log)
     if not was_running:
         ray.shutdown()
 
@@ -326,10 +328,12 @@ def cli(args) -> int:
     import sys
 
     from ..stages.config import FLAT_KEYS
+    from .cli import EVAL_JOB_FLAGS
 
     edit = {k: getattr(args, k) for k in FLAT_KEYS if getattr(args, k, None) is not None}
+    job = {k: getattr(args, k) for k in EVAL_JOB_FLAGS if getattr(args, k, None) is not None}
     summary, rows = run_eval(args.n, args.seed, args.model, args.out, edit, args.edit_seed, args.batch_size,
-                             args.device, args.overwrite, log=lambda *a: print(*a, file=sys.stderr))
+                             args.device, args.overwrite, log=lambda *a: print(*a, file=sys.stderr), job=job)
     if args.rows:
         summary["rows"] = rows
     print(json.dumps(summary, indent=1))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
+from .schedules import SOLVERS
+
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None, aliases: tuple = ()):
     """A config field that the command line offers as ``--flag`` (default: the field's name; ``aliases`` such as
@@ -29,6 +31,10 @@ def check(ok: bool, message: str) -> None:
     """Raise ValueError(message) unless ok: the configs' validation."""
     if not ok:
         raise ValueError(message)
+
+
+def check_interval(k, name: str) -> None:
+    check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, f"`{name}` must be an integer >= 1 but is {k!r}.")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,13 @@ class EncodeConfig:
     # decoding alike. None: the model's scheduler config (SD3: 3.0; FLUX.1: its resolution-dependent shift).
     shift: float | None = option(None, "rectified-flow models (SD3, FLUX.1) only: the sigma schedule's shift, in "
                                        "place of the model's own (SD3: 3.0; FLUX.1-dev: by resolution)")
+    # Diffusion families (SD, SDXL) only: how encoding and decoding walk the levels. DPM-Solver++(2M) adds a
+    # second-order multistep correction to each DDIM step (stages/schedules.py), for fewer --steps.
+    solver: str = option("ddim", "diffusion models (SD, SDXL) only: ddim (the paper's) or dpm (DPM-Solver++(2M) "
+                                 "over the same levels, both ways: for fewer --steps)", choices=SOLVERS)
+    # DeepCache (stages/reuse.py): the UNet in full every k-th encoding step, its deep features reused in between.
+    cache_interval: int = option(1, "UNet models only: run the whole UNet every K-th encoding step and reuse its "
+                                    "deep features in between (DeepCache; 1: off)", flag="encode_cache_interval")
 
     def __post_init__(self):
         check(self.num_steps >= 1, f"`steps` must be >= 1 but is {self.num_steps}.")
@@ -79,6 +92,8 @@ class EncodeConfig:
         check(self.guidance >= 1.0, f"`encode_guidance` must be >= 1 but is {self.guidance}.")
         check(self.shift is None or self.shift > 0, f"`shift` must be > 0 but is {self.shift}.")
         check(self.method in ("ddim", "noise"), f"`encode_method` must be ddim or noise but is {self.method!r}.")
+        check(self.solver in SOLVERS, f"`solver` must be one of {', '.join(SOLVERS)} but is {self.solver!r}.")
+        check_interval(self.cache_interval, "encode_cache_interval")
         check(
             self.conditional or self.guidance == 1.0,
             "`encode_guidance` > 1 needs conditional encoding (`conditional_encoding=True`).",
@@ -96,9 +111,12 @@ class DecodeConfig:
 
     guidance: float = option(7.5, "classifier-free guidance scale for decoding (paper: 7.5, Stable Diffusion's)")
     negative_prompt: str = option("", "negative (unconditional) text of guidance during decoding")
+    cache_interval: int = option(1, "UNet models only: run the whole UNet every K-th decoding step and reuse its deep "
+                                    "features in between (DeepCache; 1: off)")
 
     def __post_init__(self):
         check(self.guidance >= 1.0, f"`guidance` must be >= 1 but is {self.guidance}.")
+        check_interval(self.cache_interval, "cache_interval")
 
 
 # --resolution: "auto", or a forced edit size "N" (N x N) or "WxH", each side a positive integer.

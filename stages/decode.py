@@ -28,21 +28,25 @@ def masked_decode(
     guidance: float = 7.5,
     num_steps: int = 50,
     shift: float | None = None,
+    solver: str = "ddim",
+    cache_interval: int = 1,
 ) -> torch.Tensor:
     """Decode from the last latent of ``trajectory`` back to x_0; returns latents_BChw.
 
     After the step that reaches a level, the latents outside the mask are replaced with the encoded latent at
     that level (``trajectory.latents[k]``); after the last step, with the image's own x_0, so the background is
     the image's exact latent. (diffusers' pipeline pastes the latent one level noisier at every step and never
-    pastes x_0.)
+    pastes x_0.) ``solver`` and ``shift`` pick the schedule (stages/schedules.py); ``cache_interval`` k > 1 runs
+    the whole UNet every k-th step only (stages/reuse.py).
     """
     K = trajectory.num_steps
     x = trajectory.latents[K]
-    schedule = model.schedule(num_steps, K, x.shape[-2:], shift)
+    schedule = model.schedule(num_steps, K, x.shape[-2:], shift, solver)
     keep_B1hw = mask_Bhw.to(model.device, model.dtype)[:, None]
-    for i, t in enumerate(schedule.decode_levels):
-        pred = guided(model, x, t, target, negative, guidance)
-        x = schedule.denoise(pred, i, x)
-        # Mask-wise correction: outside the mask, the encoded latent of the level just reached.
-        x = keep_B1hw * x + (1 - keep_B1hw) * trajectory.latents[K - 1 - i]
+    with model.feature_reuse(cache_interval):
+        for i, t in enumerate(schedule.decode_levels):
+            pred = guided(model, x, t, target, negative, guidance)
+            x = schedule.denoise(pred, i, x)
+            # Mask-wise correction: outside the mask, the encoded latent of the level just reached.
+            x = keep_B1hw * x + (1 - keep_B1hw) * trajectory.latents[K - 1 - i]
     return x

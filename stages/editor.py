@@ -77,7 +77,8 @@ def edit_batch(
     # 4. Masked decoding under the target prompt, with classifier-free (or FLUX.1-dev's embedded) guidance.
     edited_BChw = masked_decode(model, trajectory, mask_Bhw, prompts.target, prompts.negative,
                                 guidance=config.decode.guidance, num_steps=config.encode.num_steps,
-                                shift=config.encode.shift)
+                                shift=config.encode.shift, solver=config.encode.solver,
+                                cache_interval=config.decode.cache_interval)
     return BatchOutput(edited_BCHW=model.decode_latents(edited_BChw), mask_Bhw=mask_Bhw, soft_Bhw=soft_Bhw,
                        inferred=[m is None for m in masks], latents_BChw=edited_BChw,
                        trajectory=trajectory if keep_trajectory else None)

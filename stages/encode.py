@@ -60,15 +60,17 @@ def invert(
     """
     if config.guidance > 1.0 and uncond is None and model.family.guidance == "cfg":
         raise ValueError("Guided encoding needs the unconditional text (`uncond`).")
-    schedule = model.schedule(config.num_steps, config.num_encode_steps, latents_BChw.shape[-2:], config.shift)
+    schedule = model.schedule(config.num_steps, config.num_encode_steps, latents_BChw.shape[-2:], config.shift,
+                              config.solver)
     x = latents_BChw
     latents = [x]
-    for k, t in enumerate(schedule.encode_levels):
-        pred = guided(model, x, t, text, uncond, config.guidance)
-        # One level up: the DDIM update of Song et al. (2010.02502, eq. 12) run backwards, or an Euler step of the
-        # flow ODE towards noise.
-        x = schedule.invert(pred, k, x)
-        latents.append(x)
+    with model.feature_reuse(config.cache_interval):
+        for k, t in enumerate(schedule.encode_levels):
+            pred = guided(model, x, t, text, uncond, config.guidance)
+            # One level up: the DDIM update of Song et al. (2010.02502, eq. 12) run backwards (with its DPM-Solver
+            # correction), or an Euler step of the flow ODE towards noise.
+            x = schedule.invert(pred, k, x)
+            latents.append(x)
     return Trajectory(latents, schedule.encode_levels)
 
 

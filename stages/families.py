@@ -75,10 +75,11 @@ class Family:
         return Text({"embeds": encoder(ids.input_ids, attention_mask=mask)[0]})
 
     def forward(self, model, x_RChw: torch.Tensor, t_R: torch.Tensor, text: Text, guidance: float | None) -> torch.Tensor:
-        return model.denoiser(x_RChw, t_R, encoder_hidden_states=text.embeds).sample
+        return model.unet_forward(x_RChw, t_R, text.embeds)
 
-    def schedule(self, model, num_steps: int, encode_steps: int, latent_hw: tuple[int, int], shift=None):
-        return DDIMSchedule(model.scheduler_config, num_steps, encode_steps)
+    def schedule(self, model, num_steps: int, encode_steps: int, latent_hw: tuple[int, int], shift=None,
+                 solver="ddim"):
+        return DDIMSchedule(model.scheduler_config, num_steps, encode_steps, solver)
 
     def model_time(self, level, rows: int, model) -> torch.Tensor:
         """The denoiser's time input for a schedule level (or one level per row): here the DDPM timestep."""
@@ -108,7 +109,7 @@ class SDXL(Family):
         # original size, crop top-left, target size: the edit size, uncropped (the img2img pipeline's defaults).
         time_ids = _size_time_ids(h, w, x_RChw.device, text.embeds.dtype)
         added = {"text_embeds": text.parts["pooled"], "time_ids": time_ids.expand(x_RChw.shape[0], -1)}
-        return model.denoiser(x_RChw, t_R, encoder_hidden_states=text.embeds, added_cond_kwargs=added).sample
+        return model.unet_forward(x_RChw, t_R, text.embeds, added)
 
 
 class SD3(Family):
@@ -141,7 +142,7 @@ class SD3(Family):
         return model.denoiser(hidden_states=x_RChw, timestep=t_R, encoder_hidden_states=text.embeds,
                               pooled_projections=text.parts["pooled"]).sample
 
-    def schedule(self, model, num_steps, encode_steps, latent_hw, shift=None):
+    def schedule(self, model, num_steps, encode_steps, latent_hw, shift=None, solver="ddim"):
         kwargs = {}
         config = flow_config(model.scheduler_config, shift)
         if config.get("use_dynamic_shifting"):
@@ -181,7 +182,7 @@ class Flux(Family):
                              img_ids=latent_ids(h // 2, w // 2, x_RChw.device, x_RChw.dtype)).sample
         return unpack_latents(out, h, w)
 
-    def schedule(self, model, num_steps, encode_steps, latent_hw, shift=None):
+    def schedule(self, model, num_steps, encode_steps, latent_hw, shift=None, solver="ddim"):
         config = flow_config(model.scheduler_config, shift)
         kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}
         if config.get("use_dynamic_shifting"):

@@ -21,6 +21,7 @@ import torch
 
 from .families import FAMILY_CODE, Family
 from .prefix import PromptFreePrefix
+from .reuse import FeatureReuse, reusable
 from .schedules import DDIMSchedule, FlowSchedule
 from .sources import (FAMILIES, RECOMMENDED_DEFAULTS_FILE, ModelLoadError, check_family, check_model_folder,
                       family_components, family_defaults, is_hub_id, model_geometry)
@@ -74,10 +75,12 @@ class DiffEditModel:
     _fingerprint: str | None = None
     _compiled: set = field(default_factory=set)  # the parts compile() has compiled
     _prefix: PromptFreePrefix = field(init=False, repr=False)
+    _reuse: FeatureReuse | None = field(init=False, repr=False)
 
     def __post_init__(self):
         _check_max_batch(self.max_batch)
         self._prefix = PromptFreePrefix(self.denoiser)  # hooks, no-ops outside predict(); empty unless SD's UNet
+        self._reuse = FeatureReuse(self.denoiser) if reusable(self.denoiser) else None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -123,12 +126,16 @@ class DiffEditModel:
         return "flow" if self.family.schedule_kind == "flow" else self.scheduler_config.get("prediction_type", "epsilon")
 
     def schedule(self, num_steps: int, encode_steps: int, latent_hw: tuple[int, int],
-                 shift: float | None = None) -> DDIMSchedule | FlowSchedule:
+                 shift: float | None = None, solver: str = "ddim") -> DDIMSchedule | FlowSchedule:
         """The schedule the steps walk for latents of ``latent_hw`` (FLUX's shift depends on the size). ``shift``
-        (rectified-flow families only) replaces the scheduler config's shift, and its dynamic shifting."""
+        (rectified-flow families only) replaces the scheduler config's shift, and its dynamic shifting; ``solver``
+        (diffusion families only) is ``ddim`` or ``dpm`` (DPM-Solver++(2M) over the same levels)."""
         if shift is not None and self.family.schedule_kind != "flow":
             raise ValueError(f"`shift` applies to the rectified-flow families (sd3, flux), not to {self.family.name}.")
-        return self.family.schedule(self, num_steps, encode_steps, tuple(latent_hw), shift)
+        if solver != "ddim" and self.family.schedule_kind != "ddim":
+            raise ValueError(f"`solver` {solver} applies to the diffusion families (sd, sdxl); {self.family.name} "
+                             "walks its flow with Euler steps.")
+        return self.family.schedule(self, num_steps, encode_steps, tuple(latent_hw), shift, solver)
 
     def ddim(self):
         """A fresh DDIM scheduler of a diffusion family (schedulers hold state, so every call gets its own)."""
@@ -185,6 +192,8 @@ class DiffEditModel:
         _check_max_batch(self.max_batch)  # it may have been set since
         t = self.family.model_time(t, n, self)
         step = max(1, (self.max_batch or k * n) // k)  # latents per denoiser call
+        if self._reuse is not None and self._reuse.active:
+            self._reuse.next_step()
         shared = self._prefix.copies(k) if self.share_prefix and self._prefix else contextlib.nullcontext()
         outs = []
         with self._attention_kernel(), shared:
@@ -197,6 +206,22 @@ class DiffEditModel:
                 out = self.family.forward(self, x, t[i : i + s].repeat(k), text, guidance)
                 outs.append(out.unflatten(0, (k, s)))
         return torch.cat(outs, dim=1).flatten(0, 1)  # k blocks of n rows
+
+    def feature_reuse(self, k: int):
+        """A context in which each :meth:`predict` call is one step of a walk whose UNet runs in full every k-th step
+        and reuses its deep features in between (stages/reuse.py); k = 1: every step in full."""
+        if k == 1:
+            return contextlib.nullcontext()
+        if self._reuse is None:
+            raise ValueError(f"Feature reuse (`cache_interval` {k}) needs a UNet of the SD or SDXL kind; "
+                             f"{self.family.name}'s denoiser is {type(self.denoiser).__name__}.")
+        return self._reuse.every(k)
+
+    def unet_forward(self, x_RChw, t_R, text_RLD, added=None) -> torch.Tensor:
+        """The UNet's output (SD, SDXL families), through feature reuse when a :meth:`feature_reuse` block is on."""
+        if self._reuse is not None and self._reuse.active:
+            return self._reuse(x_RChw, t_R, text_RLD, added)
+        return self.denoiser(x_RChw, t_R, encoder_hidden_states=text_RLD, added_cond_kwargs=added).sample
 
     def _attention_kernel(self):
         if self.attention is None:
@@ -224,6 +249,30 @@ class DiffEditModel:
             if name not in self._compiled:
                 module.compile(dynamic=False, mode=mode)
                 self._compiled.add(name)
+        if self._reuse is not None and "reuse" not in self._compiled:
+            self._reuse.compile(mode)  # the split forward of feature reuse, compiled when first used
+            self._compiled.add("reuse")
+        return self
+
+    def to_fp8(self) -> "DiffEditModel":
+        """The denoiser's linear layers in float8 (e4m3) with dynamic scaling, by torchao's inference recipe
+        (``Float8DynamicActivationFloat8WeightConfig``): each weight scaled once, each activation at every call from
+        its absolute maximum; per row in bf16, per tensor in fp16 (PyTorch's row-wise fp8 matmul returns bf16 only).
+        Convolutions, normalisations and attention (SDPA) keep the model's dtype. Needs a CUDA GPU of compute
+        capability 8.9 or more (Ada, Hopper, Blackwell) and torchao; call before :meth:`compile`.
+        """
+        if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError("fp8 needs a CUDA GPU of compute capability 8.9 or more (Ada, Hopper, Blackwell); "
+                             f"this model runs on {self.device}.")
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"fp8 needs a model in fp16 or bf16, not {self.dtype}.")
+        try:
+            from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor,
+                                              quantize_)
+        except ImportError as exc:
+            raise ValueError("fp8 needs torchao (pip install 'diffedit[fp8]').") from exc
+        granularity = PerRow() if self.dtype == torch.bfloat16 else PerTensor()
+        quantize_(self.denoiser, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=fp8_able)
         return self
 
     # -- identity ---------------------------------------------------------------------------------
@@ -239,6 +288,13 @@ class DiffEditModel:
             h.update(json.dumps(self.scheduler_config, sort_keys=True, default=str).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+
+def fp8_able(module: torch.nn.Module, name: str = "") -> bool:
+    """A linear layer whose sides fp8 matmuls take (multiples of 16). A 128 x 128 weight is left out: torchao
+    0.17 takes a per-tensor scale of that shape for its 128 x 128 block scaling and refuses the matmul."""
+    return (isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0
+            and module.out_features % 16 == 0 and (module.in_features, module.out_features) != (128, 128))
 
 
 def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
