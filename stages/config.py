@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from .schedules import SOLVERS
-
 
 def option(default, help: str, *, flag: str | None = None, choices: tuple | None = None, aliases: tuple = ()):
     """A config field that the command line offers as ``--flag`` (default: the field's name; ``aliases`` such as
@@ -31,6 +29,9 @@ def check(ok: bool, message: str) -> None:
     """Raise ValueError(message) unless ok: the configs' validation."""
     if not ok:
         raise ValueError(message)
+
+
+SOLVERS = ("ddim", "dpm")  # stages/schedules.py walks the levels with each
 
 
 def check_interval(k, name: str) -> None:

@@ -248,10 +248,9 @@ class DiffEditModel:
         for name, module in parts.items():
             if name not in self._compiled:
                 module.compile(dynamic=False, mode=mode)
+                if name == "denoiser" and self._reuse is not None:
+                    self._reuse.compile(mode)  # the split forward of feature reuse, compiled when first used
                 self._compiled.add(name)
-        if self._reuse is not None and "reuse" not in self._compiled:
-            self._reuse.compile(mode)  # the split forward of feature reuse, compiled when first used
-            self._compiled.add("reuse")
         return self
 
     def to_fp8(self) -> "DiffEditModel":

@@ -24,13 +24,14 @@ import math
 
 import torch
 
+from .config import SOLVERS
+
 
 def img2img_start(num_steps: int, strength: float) -> int:
     """The index of the schedule's first denoising step at ``strength`` (diffusers' img2img rule)."""
     return min(num_steps - min(int(num_steps * strength), num_steps), num_steps - 1)
 
 
-SOLVERS = ("ddim", "dpm")
 # DPM-Solver++(2M)'s correction divides by r = h_prev / h; where two adjacent steps differ more than this in
 # log-SNR (DDIM inversion's first step, from the image to the first level, is a fraction of the others), the
 # extrapolation is unstable and the step stays first order.
