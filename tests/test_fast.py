@@ -243,3 +243,20 @@ def test_a_second_process_loads_the_graphs_the_first_one_saved(tmp_path):
     (files[0].parent / "broken.bin").write_bytes(b"not a cache")
     third = process("three")
     assert third == second  # the broken file is skipped (a warning), the good one used
+
+
+@pytest.mark.slow
+def test_a_compiled_job_writes_its_graphs_to_the_compile_cache_and_a_rerun_reads_them(tiny_model_dir, tmp_path):
+    """The actor's path (pipelines.actor._engine_model): compile, then the graphs written under OUTPUT/compile-cache;
+    a second job with that folder as --compile-cache finds them and adds nothing."""
+    shard = str(sorted(SAMPLES.glob("*.tar"))[0])
+    options = dict(model=str(tiny_model_dir), limit=1, scores=False, steps=4, mask_samples=2, compile=True,
+                   batch_size=2)
+    run_job(JobConfig.from_flat([shard], tmp_path / "a", **options), log=lambda *a: None)
+    written = sorted((tmp_path / "a" / "compile-cache").glob("torch-*/*.bin"))
+    assert len(written) == 1
+    lines = []
+    run_job(JobConfig.from_flat([shard], tmp_path / "b", compile_cache=str(tmp_path / "a" / "compile-cache"),
+                                **options), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert sorted((tmp_path / "a" / "compile-cache").glob("torch-*/*.bin")) == written  # nothing new to add
+    assert not (tmp_path / "b" / "compile-cache").exists()
