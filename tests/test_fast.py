@@ -105,6 +105,20 @@ def test_the_split_unet_is_diffusers_unet_bit_for_bit(tiny_model):
     assert torch.equal(shallow_forward(unet, x, t, text, deep), reference)  # the deep features of the same call
 
 
+def test_the_split_sdxl_unet_adds_its_text_and_size_embedding_as_diffusers_does(tmp_path):
+    from diffedit.shapes.tiny import build_tiny_sdxl
+
+    sdxl = load_model(build_tiny_sdxl(tmp_path / "sdxl"), device="cpu", dtype="fp32")
+    unet, g = sdxl.denoiser, torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([700.0, 30.0])
+    text = sdxl.encode_text(["a red circle", "a photo of a dog"])
+    added = {"text_embeds": text.parts["pooled"], "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)}
+    reference = unet(x, t, encoder_hidden_states=text.embeds, added_cond_kwargs=added).sample
+    out, deep = full_forward(unet, x, t, text.embeds, added)
+    assert reusable(unet) and torch.equal(out, reference)
+    assert torch.equal(shallow_forward(unet, x, t, text.embeds, deep, added), reference)
+
+
 def edit(model, n=2, **flat):
     images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     config = EditConfig.from_flat(dict(steps=10, mask_samples=2, threshold=0.0, **flat))
