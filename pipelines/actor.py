@@ -13,6 +13,7 @@ import io
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,7 +169,10 @@ class EditActor:
         with self._device:
             if graphs != self._graphs_saved:
                 self._graphs_saved = graphs
-                self.compiled.save()
+                try:
+                    self.compiled.save()
+                except OSError as exc:  # a cache that cannot be written costs the next actor a compile, not this job
+                    warnings.warn(f"compile cache not written: {exc}", stacklevel=1)
 
     def _samples(self, row: dict) -> list[dict]:
         """Best-of-k: an edit's k samples, its image decoded once, edited in this call as k independent edits

@@ -146,6 +146,9 @@ def _resources(ray, job: JobConfig) -> tuple[int, dict, int]:
     # no GPU node yet, and GPU actors are what make it start some.
     gpus = 0 if on_cpu else ray.cluster_resources().get("GPU", 0) or (r.num_gpus or 0) * r.gpus_per_actor
     if not gpus:
+        if job.engine.fp8:
+            raise ValueError("--fp8 needs GPU actors (CUDA compute capability 8.9+), but this job runs on the CPU "
+                             + ("(--device cpu)." if on_cpu else "(the cluster has no GPU; --num-gpus asks for some)."))
         return r.cpu_actors, dict(num_cpus=1), r.calls_in_flight or 1
     actors = r.num_gpus or max(1, int(gpus // r.gpus_per_actor))
     return actors, dict(num_gpus=r.gpus_per_actor), r.calls_in_flight or CALLS_IN_FLIGHT

@@ -45,10 +45,15 @@ class CompileCache:
     def load(self) -> int:
         """Load the folder's artefacts into this process's caches; returns how many graphs they hold. A file that
         cannot be read is skipped, with a warning: the graphs it held are compiled again."""
-        for path in sorted(self.folder.glob("*.bin")) if self.folder.is_dir() else []:
+        try:
+            paths = sorted(self.folder.glob("*.bin")) if self.folder.is_dir() else []
+        except OSError as exc:
+            warnings.warn(f"Compile cache {self.folder} not read: {exc}", stacklevel=2)
+            paths = []
+        for path in paths:
             try:
                 self.known |= _keys(torch.compiler.load_cache_artifacts(path.read_bytes()))
-            except Exception as exc:  # a truncated or foreign file must not stop the actor
+            except Exception as exc:  # a truncated, unreadable or foreign file must not stop the actor
                 warnings.warn(f"Compile cache {path} skipped: {type(exc).__name__}: {exc}", stacklevel=2)
         return len(self.known)
 

@@ -186,6 +186,37 @@ def test_fp8_off_a_capable_gpu_is_a_clear_error(tiny_model):
         tiny_model.to_fp8()
 
 
+def test_fp8_on_a_cpu_job_fails_at_once_in_one_line(tiny_model_dir, tmp_path, capsys):
+    from diffedit.pipelines.cli import main
+
+    shard = str(sorted(SAMPLES.glob("*.tar"))[0])
+    code = main(["run", shard, "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--fp8",
+                 "--device", "cpu", "--limit", "1"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and line.endswith("--fp8 needs GPU actors (CUDA compute capability 8.9+), but this job runs on "
+                                       "the CPU (--device cpu)."), line
+
+
+@pytest.mark.slow
+def test_a_compile_cache_that_cannot_be_read_or_written_costs_a_warning_not_the_job(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from diffedit.pipelines.actor import EditActor
+    from diffedit.stages.compile_cache import CompileCache
+
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the folder should be")
+    cache = CompileCache(blocked / "cache", torch.device("cpu"))
+    assert cache.load() == 0  # nothing readable there: no graphs, no error
+    torch.compile(lambda x: torch.sin(x) * 2, dynamic=False)(torch.randn(8))  # something new to save
+    with pytest.raises(OSError):
+        cache.save()
+    actor = SimpleNamespace(compiled=cache, _graphs_saved=-1, _device=threading.Lock())
+    with pytest.warns(UserWarning, match="compile cache not written"):
+        EditActor._save_compiled(actor)  # what the actor does after a batch that compiled
+
+
 def test_compile_options_need_compile():
     with pytest.raises(ValueError, match="need `--compile`"):
         EngineConfig(compile_mode="reduce-overhead")
