@@ -40,8 +40,8 @@ class EngineConfig:
     compile: bool = option(False, "torch.compile the UNet and the VAE in each actor (GPU; about 1.5 min at the start "
                                   "without a warm --compile-cache)")
     # reduce-overhead: CUDA graphs around each compiled call (fixed shapes; the job pads its batches).
-    compile_mode: str = option("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs) "
-                                          "or max-autotune", choices=COMPILE_MODES)
+    compile_mode: str = option("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs; "
+                                          "not yet measured here) or max-autotune", choices=COMPILE_MODES)
     # Every actor loads the folder's compiled graphs before compiling and adds those it built (stages/compile_cache.py).
     compile_cache: str | None = option(None, "folder of compiled graphs shared by every actor and run with --compile, "
                                              "on a path all nodes see (default: OUTPUT/compile-cache; 'off': none)")
