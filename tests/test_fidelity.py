@@ -223,10 +223,11 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [None, "shapes-flow"], ids=["unet", "flow"])
+@pytest.mark.parametrize("model", [None, "shapes-flow", "--preset"], ids=["unet", "flow", "unet-preset-fast"])
 def test_photographs_come_back_at_their_size_with_the_source_outside_the_band(photo_shards, tmp_path, model):
-    """With the shipped UNet model, and through the flow engine with the shipped rectified-flow model."""
-    extra = ["--model", str(SHIPPED_MODEL.parent / model)] if model else []
+    """With the shipped UNet model (also at --preset fast: DPM-Solver and feature reuse at every bucket's size), and
+    through the flow engine with the shipped rectified-flow model."""
+    extra = {None: [], "--preset": ["--preset", "fast"]}.get(model, ["--model", str(SHIPPED_MODEL.parent / str(model))])
     df = _run(photo_shards, tmp_path / "png", *extra)
     run = json.loads((tmp_path / "png" / "run.json").read_text())
     ok = df[df.status == "ok"]
