@@ -221,6 +221,8 @@ def check_same_job(out: Path, previous: dict, run: dict) -> None:
         raise ParameterMismatch(f"{out} holds a job recorded by an older version of diffedit, whose parameters this "
                                 "one cannot compare; use another --output, or pass --overwrite to start again.")
     before, after = previous.get("identity") or {}, run.get("identity") or {}
+    # A key the earlier record lacks (added to the identity since) counts at the value such a job ran at.
+    before = {**{k: v for k, v in (run.get("identity_defaults") or {}).items() if k in after}, **before}
     changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
     if changed:
         detail = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(after.get(k))}" for k in changed)

@@ -138,7 +138,8 @@ def resolve_preset(name: str | None, family: str) -> dict:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """How this invocation behaves: never changes a row."""
+    """How this invocation behaves: never changes a row (a preset only through the edit parameters it sets, which
+    run.json records and a resume compares)."""
 
     preset: str | None = option(None, "edit parameters chosen together: fast (25 steps of DPM-Solver++(2M), deep "
                                       "features reused every 2nd decoding step: 1.9x the default's edits/s at its "
@@ -163,8 +164,11 @@ COMPONENTS = {"engine": EngineConfig, "input": InputConfig, "sampling": Sampling
               "scores": ScoreConfig, "resources": ResourceConfig, "run": RunConfig}
 # What changes rows: a rerun with other values would mix two jobs in one manifest. Config leaves by name, and
 # the run record's derived values: the model's fingerprint, the prompts' digest, the resolution, the scorers.
-IDENTITY = ("caption_field", "seed", "samples_per_edit", "best_by", "image_format", "save_latents", "scores",
+IDENTITY = ("caption_field", "seed", "samples_per_edit", "best_by", "image_format", "save_latents", "scores", "fp8",
             *FLAT_KEYS)
+# Identity keys added after jobs were recorded without them, with the value such a job ran at: resuming it with
+# that value is the same job (manifests.store.check_same_job).
+IDENTITY_ADDED = {"solver": "ddim", "encode_cache_interval": 1, "cache_interval": 1, "fp8": False}
 DERIVED_IDENTITY = ("model_fingerprint", "prompts_digest", "resolution", "scorers")
 
 

@@ -26,7 +26,7 @@ from ..manifests.schema import SCHEMA_VERSION, first_row, sample_id
 from ..manifests.store import OutputStore
 from ..stages.config import EditConfig
 from .actor import EditActor, ExpandOptions, done_ids, expand_sample, read_samples
-from .config import CALLS_IN_FLIGHT, JobConfig, identity, resolve_preset, serialise
+from .config import CALLS_IN_FLIGHT, IDENTITY_ADDED, JobConfig, identity, resolve_preset, serialise
 from .inputs import expand_inputs
 from .progress import ProgressBoard, ProgressLine, quiet_ray
 from .prompts import PromptSpec
@@ -94,6 +94,7 @@ def plan_job(job: JobConfig, log) -> Plan:
                   f"{NO_SCORE_RULE}",
     )
     run["identity"] = identity(run)
+    run["identity_defaults"] = IDENTITY_ADDED
     return Plan(job, shards, spec, edit, str(model_path), run)
 
 

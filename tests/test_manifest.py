@@ -80,6 +80,18 @@ def test_the_refusal_names_only_what_changed(tmp_path):
         store.begin(RUN)
 
 
+def test_a_job_recorded_before_an_identity_key_existed_resumes_at_that_keys_old_value(tmp_path):
+    """A job run before --solver existed ran DDIM: resuming it with the default is the same job; with dpm it is not."""
+    store = OutputStore(tmp_path)
+    store.begin(RUN)  # recorded without "solver"
+    store.commit(rows(1))
+    added = {"identity_defaults": {"solver": "ddim"}}
+    with pytest.raises(ParameterMismatch, match="solver: 'ddim' -> 'dpm'"):
+        store.begin({**RUN, **added, "identity": {**IDENTITY, "solver": "dpm"}})
+    store.begin({**RUN, **added, "identity": {**IDENTITY, "solver": "ddim"}})
+    assert len(store.committed_ids()) == 1
+
+
 def test_staged_parts_are_invisible_until_committed_and_removed_if_never_committed(tmp_path):
     """Workers stage parts; the driver commits one by renaming it; a part staged but never committed (a killed
     driver, a task Ray ran twice) is removed when a run begins or ends, and no reader ever sees it."""
