@@ -89,10 +89,11 @@ class _DPMSolver2M:
     the multistep correction of Lu et al.'s Algorithm 2 (diffusers' DPMSolverMultistepScheduler, order 2). The
     first step of a walk, a step whose log-SNR length differs from the one before by more than
     :data:`MAX_STEP_RATIO`, and the last step of decoding (to the final level, as diffusers'
-    ``lower_order_final``) are first order, i.e. DDIM's. Each encoding step evaluates the model at its destination level, as DDIM
-    inversion does, so the levels and the model's time inputs are the DDIM path's. (Evaluated at the level it
-    climbs from instead, as diffusers' DPMSolverMultistepInverseScheduler does, inversion of an exact Gaussian
-    denoiser landed further from the exact ODE solution than DDIM inversion, at 50, 25 and 15 steps.)
+    ``lower_order_final``) are first order, i.e. DDIM's. Each encoding step evaluates the model at its
+    destination level, as DDIM inversion does, so the levels and the model's time inputs are the DDIM path's.
+    (Evaluated at the level it climbs from instead, as diffusers' DPMSolverMultistepInverseScheduler does,
+    inversion of an exact Gaussian denoiser landed further from the exact ODE solution than DDIM inversion, at
+    50, 25 and 15 steps.)
     """
 
     def __init__(self, forward, inverse):
@@ -122,7 +123,7 @@ class _DPMSolver2M:
         if direction in self.previous and not first_order:
             x0_prev, lam_prev = self.previous[direction]
             h, h_prev = lam_t - lam_s, lam_s - lam_prev
-            if MAX_STEP_RATIO ** -1 <= h_prev / h <= MAX_STEP_RATIO:
+            if h != 0 and MAX_STEP_RATIO ** -1 <= h_prev / h <= MAX_STEP_RATIO:
                 out = out + a_t ** 0.5 * -math.expm1(-h) / (2 * h_prev / h) * (x0 - x0_prev)
         self.previous[direction] = (x0, lam_s)
         return out.to(pred.dtype)
