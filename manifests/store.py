@@ -97,7 +97,8 @@ class OutputStore:
             self._lock = None
 
     def begin(self, run: dict, overwrite: bool = False, retry: frozenset[str] = frozenset()) -> int:
-        """Start or resume a job; refuse changed parameters on an existing OUT unless ``overwrite``. Takes the
+        """Start or resume a job; refuse changed parameters on an existing OUT that holds committed rows unless
+        ``overwrite`` (a job that committed nothing, say one refused at its start, takes new parameters). Takes the
         lock. Un-commits the failed edits of the shards in ``retry``; returns how many."""
         if self._lock is None:
             self.lock()
@@ -110,7 +111,7 @@ class OutputStore:
                 f"{self.parts} holds {len(self.part_files())} committed part(s) but {self.run_json} is missing, so "
                 "their parameters cannot be checked; pass --overwrite to delete them and start again, or use another "
                 "--output")
-        if previous is not None:
+        if previous is not None and self.part_files():
             check_same_job(self.out, previous, run)
         self.parts.mkdir(parents=True, exist_ok=True)
         self._remove_uncommitted()

@@ -78,6 +78,7 @@ def plan_job(job: JobConfig, log) -> Plan:
     shards = expand_inputs(list(job.inputs))
     spec = PromptSpec.load(job.input.prompts)
     probe = describe_model(model_path)  # recommended defaults + fingerprint, from the files
+    job = _check_engine(job)
     preset = resolve_preset(job.run.preset, probe["family"])
     edit = EditConfig.from_flat({**probe["recommended"], **preset}, **job.edit)
     sizes = _edit_sizes(edit, probe)
@@ -96,6 +97,20 @@ def plan_job(job: JobConfig, log) -> Plan:
     run["identity"] = identity(run)
     run["identity_defaults"] = IDENTITY_ADDED
     return Plan(job, shards, spec, edit, str(model_path), run)
+
+
+def _check_engine(job: JobConfig) -> JobConfig:
+    """Engine options refused before any work; the compile cache's folder made absolute (actors run elsewhere)."""
+    engine = job.engine
+    if engine.fp8 and engine.device == "cpu":
+        raise ValueError("--fp8 needs GPU actors (CUDA compute capability 8.9+), but this job runs on the CPU "
+                         "(--device cpu).")
+    if not engine.compile or engine.compile_cache in (None, "off"):
+        return job
+    folder = Path(engine.compile_cache).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--compile-cache {engine.compile_cache} is a file, not a folder.")
+    return replace(job, engine=replace(engine, compile_cache=str(folder)))
 
 
 def _edit_sizes(edit: EditConfig, probe: dict) -> list[str]:
@@ -148,8 +163,7 @@ def _resources(ray, job: JobConfig) -> tuple[int, dict, int]:
     gpus = 0 if on_cpu else ray.cluster_resources().get("GPU", 0) or (r.num_gpus or 0) * r.gpus_per_actor
     if not gpus:
         if job.engine.fp8:
-            raise ValueError("--fp8 needs GPU actors (CUDA compute capability 8.9+), but this job runs on the CPU "
-                             + ("(--device cpu)." if on_cpu else "(the cluster has no GPU; --num-gpus asks for some)."))
+            raise ValueError("--fp8 needs GPU actors (CUDA compute capability 8.9+), but the Ray cluster has no GPU.")
         return r.cpu_actors, dict(num_cpus=1), r.calls_in_flight or 1
     actors = r.num_gpus or max(1, int(gpus // r.gpus_per_actor))
     return actors, dict(num_gpus=r.gpus_per_actor), r.calls_in_flight or CALLS_IN_FLIGHT

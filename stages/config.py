@@ -10,6 +10,7 @@ CLI option names (``--encode-ratio`` <-> ``encode_ratio``), each declared once, 
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field, fields
 
@@ -34,8 +35,11 @@ def check(ok: bool, message: str) -> None:
 SOLVERS = ("ddim", "dpm")  # stages/schedules.py walks the levels with each
 
 
-def check_interval(k, name: str) -> None:
-    check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, f"`{name}` must be an integer >= 1 but is {k!r}.")
+def check_interval(k, name: str) -> int:
+    """``k`` as an int, if it is an integer >= 1 (NumPy's too; not a bool, a float or a string)."""
+    check(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1,
+          f"`{name}` must be an integer >= 1 but is {k!r}.")
+    return int(k)
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class EncodeConfig:
         check(self.shift is None or self.shift > 0, f"`shift` must be > 0 but is {self.shift}.")
         check(self.method in ("ddim", "noise"), f"`encode_method` must be ddim or noise but is {self.method!r}.")
         check(self.solver in SOLVERS, f"`solver` must be one of {', '.join(SOLVERS)} but is {self.solver!r}.")
-        check_interval(self.cache_interval, "encode_cache_interval")
+        object.__setattr__(self, "cache_interval", check_interval(self.cache_interval, "encode_cache_interval"))
         check(
             self.conditional or self.guidance == 1.0,
             "`encode_guidance` > 1 needs conditional encoding (`conditional_encoding=True`).",
@@ -117,7 +121,7 @@ class DecodeConfig:
 
     def __post_init__(self):
         check(self.guidance >= 1.0, f"`guidance` must be >= 1 but is {self.guidance}.")
-        check_interval(self.cache_interval, "cache_interval")
+        object.__setattr__(self, "cache_interval", check_interval(self.cache_interval, "cache_interval"))
 
 
 # --resolution: "auto", or a forced edit size "N" (N x N) or "WxH", each side a positive integer.

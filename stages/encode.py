@@ -64,7 +64,7 @@ def invert(
                               config.solver)
     x = latents_BChw
     latents = [x]
-    with model.feature_reuse(config.cache_interval):
+    with model.feature_reuse(config.cache_interval, "encode_cache_interval"):
         for k, t in enumerate(schedule.encode_levels):
             pred = guided(model, x, t, text, uncond, config.guidance)
             # One level up: the DDIM update of Song et al. (2010.02502, eq. 12) run backwards (with its DPM-Solver

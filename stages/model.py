@@ -207,13 +207,14 @@ class DiffEditModel:
                 outs.append(out.unflatten(0, (k, s)))
         return torch.cat(outs, dim=1).flatten(0, 1)  # k blocks of n rows
 
-    def feature_reuse(self, k: int):
+    def feature_reuse(self, k: int, name: str = "cache_interval"):
         """A context in which each :meth:`predict` call is one step of a walk whose UNet runs in full every k-th step
-        and reuses its deep features in between (stages/reuse.py); k = 1: every step in full."""
+        and reuses its deep features in between (stages/reuse.py); k = 1: every step in full. ``name``: the option
+        that asked for it, for the error."""
         if k == 1:
             return contextlib.nullcontext()
         if self._reuse is None:
-            raise ValueError(f"Feature reuse (`cache_interval` {k}) needs a UNet of the SD or SDXL kind; "
+            raise ValueError(f"Feature reuse (`{name}` {k}) needs a UNet of the SD or SDXL kind; "
                              f"{self.family.name}'s denoiser is {type(self.denoiser).__name__}.")
         return self._reuse.every(k)
 

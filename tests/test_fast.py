@@ -158,8 +158,21 @@ def test_reuse_and_dpm_are_refused_for_a_transformer(tmp_path):
     sd3 = load_model(build_tiny_sd3(tmp_path / "sd3", t5=False), device="cpu", dtype="fp32")
     with pytest.raises(ValueError, match="Feature reuse .* needs a UNet of the SD or SDXL kind; sd3"):
         sd3.feature_reuse(2)
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    for flag in ("cache_interval", "encode_cache_interval"):
+        config = EditConfig.from_flat({"steps": 4, "mask_samples": 1, flag: 2})
+        with pytest.raises(ValueError, match=f"Feature reuse \\(`{flag}` 2\\)"):
+            edit_batch(sd3, images, ["a red circle"], ["a blue circle"], [0], config)
     with pytest.raises(ValueError, match="`solver` dpm applies to the diffusion families"):
         sd3.schedule(10, 8, (16, 16), solver="dpm")
+
+
+def test_reuse_intervals_take_numpy_integers_as_ints():
+    import numpy as np
+
+    config = EditConfig.from_flat(cache_interval=np.int64(3), encode_cache_interval=np.int32(2))
+    assert (config.decode.cache_interval, config.encode.cache_interval) == (3, 2)
+    assert type(config.decode.cache_interval) is int and type(config.encode.cache_interval) is int
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
@@ -195,6 +208,24 @@ def test_fp8_on_a_cpu_job_fails_at_once_in_one_line(tiny_model_dir, tmp_path, ca
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and line.endswith("--fp8 needs GPU actors (CUDA compute capability 8.9+), but this job runs on "
                                        "the CPU (--device cpu)."), line
+    assert not (tmp_path / "out" / "run.json").exists()  # refused before anything was recorded
+
+
+def test_a_compile_cache_that_is_a_file_is_refused_and_a_relative_one_recorded_absolute(tiny_model_dir, tmp_path,
+                                                                                         capsys, monkeypatch):
+    from diffedit.pipelines.cli import main
+    from diffedit.pipelines.job import plan_job
+
+    shard = str(sorted(SAMPLES.glob("*.tar"))[0])
+    (tmp_path / "afile").write_text("not a folder")
+    code = main(["run", shard, "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--compile",
+                 "--compile-cache", str(tmp_path / "afile")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and line.endswith(f"--compile-cache {tmp_path / 'afile'} is a file, not a folder."), line
+    monkeypatch.chdir(tmp_path)
+    job = JobConfig.from_flat([shard], tmp_path / "o", model=str(tiny_model_dir), compile=True, compile_cache="cc")
+    plan = plan_job(job, log=lambda *a: None)
+    assert plan.job.engine.compile_cache == str(tmp_path / "cc") == plan.run["engine"]["compile_cache"]
 
 
 @pytest.mark.slow

@@ -71,6 +71,7 @@ def test_changed_parameters_are_refused_unless_overwrite(tmp_path):
 def test_the_refusal_names_only_what_changed(tmp_path):
     store = OutputStore(tmp_path)
     store.begin({**RUN, "identity": {**IDENTITY, "guidance": 7.5}})
+    store.commit(rows(1))
     with pytest.raises(ParameterMismatch) as refused:
         store.begin({**RUN, "identity": {**IDENTITY, "guidance": 5.0, "image_format": "jpeg"}})
     detail = str(refused.value).split("(", 1)[1].split(")")[0]
@@ -78,6 +79,18 @@ def test_the_refusal_names_only_what_changed(tmp_path):
     store.run_json.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "edit": {"steps": 4}}))  # older record
     with pytest.raises(ParameterMismatch, match="older version of diffedit.*--overwrite"):
         store.begin(RUN)
+
+
+def test_a_job_that_committed_nothing_takes_new_parameters(tmp_path):
+    """A job refused at its start (say --fp8 on a cluster without GPUs) left run.json but no rows: nothing can be
+    mixed, so the corrected command runs; once rows exist, a change is refused."""
+    store = OutputStore(tmp_path)
+    store.begin(RUN)
+    store.begin(reseeded(1))
+    assert store.read_run()["identity"]["seed"] == 1
+    store.commit(rows(1))
+    with pytest.raises(ParameterMismatch, match="seed: 1 -> 2"):
+        store.begin(reseeded(2))
 
 
 def test_a_job_recorded_before_an_identity_key_existed_resumes_at_that_keys_old_value(tmp_path):
