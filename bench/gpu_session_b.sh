@@ -7,7 +7,7 @@
 set -uo pipefail
 out=${1:?output folder}
 if [ -z "${DIFFEDIT_ON_GPU:-}" ]; then DIFFEDIT_ON_GPU=1 exec bash bench/on_gpu.sh bash "$0" "$@"; fi
-work=/tmp/startup-work
+work=$(mktemp -d -t startup-XXXX)
 python3 bench/startup_gpu.py --work $work --scenarios cold,"another node",restarted,eager --out "$out" 2>&1 | grep -v "^W1" | tail -8
 python3 bench/fast_gate.py --n 64 --device cuda --in-process --variants fp8 --out "$out" 2>&1 | grep -v "^W1" | tail -5
 TORCHINDUCTOR_CACHE_DIR=$work/inductor-1 TRITON_CACHE_DIR=$work/inductor-1/triton \
