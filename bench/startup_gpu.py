@@ -48,7 +48,8 @@ def child(args) -> None:
     t_import = time.time()
     engine = EngineConfig(model=args.model, dtype="fp16" if torch.cuda.is_available() else "fp32", compile=args.compile,
                           compile_cache=(args.compile_cache or "off") if args.compile else None)
-    model, cache, cached = _engine_model(engine, args.work)
+    model, cache = _engine_model(engine, args.work)
+    cached = len(cache.known) if cache else 0
     t_loaded = time.time()
     config = EditConfig().replace(**(PRESETS["fast"][1] if args.preset == "fast" else {}))
     rng = np.random.default_rng(0)

@@ -134,7 +134,7 @@ class EditActor:
         self.edit, self.output, self.sampling, self.max_pixels, self.pad_to = edit, output, sampling, max_pixels, pad_to
         self._device = threading.Lock()  # one batch at a time on the model (and the scorer)
         self._graphs_saved = 0  # graphs compiled when the compile cache was last written
-        self.model, self.compiled, cached = _engine_model(engine, output_dir)
+        self.model, self.compiled = _engine_model(engine, output_dir)
         from ..stages.editor import check_frame
 
         check_frame(self.model, edit.frame)  # a forced --resolution this model cannot take fails the job at once
@@ -146,7 +146,8 @@ class EditActor:
 
             self.scorer = Scorer(replace(scores, device=str(self.model.device)))
         report(board, "actor_ready", f"model loaded on {self.model.device} in {time.time() - t0:.0f} s"
-               + (f", compiling at its first batch ({cached} graphs in the compile cache)" if engine.compile else ""))
+               + (f", compiling at its first batch ({len(self.compiled.known) if self.compiled else 0} graphs in the "
+                  "compile cache)" if engine.compile else ""))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
@@ -224,7 +225,7 @@ class EditActor:
 
 
 def _engine_model(engine: EngineConfig, output_dir: str):
-    """(the model as ``engine`` asks: loaded, in fp8, compiled; its compile cache or None; graphs in that cache)."""
+    """(the model as ``engine`` asks: loaded, in fp8, compiled; its compile cache, loaded, or None)."""
     from ..stages.compile_cache import CompileCache
     from ..stages.model import load_model
 
@@ -232,12 +233,13 @@ def _engine_model(engine: EngineConfig, output_dir: str):
     if engine.fp8:
         model.to_fp8()
     if not engine.compile:
-        return model, None, 0
+        return model, None
     folder = engine.compile_cache or str(Path(output_dir) / "compile-cache")
     cache = None if folder == "off" else CompileCache(folder, model.device)
-    cached = cache.load() if cache else 0
+    if cache:
+        cache.load()
     model.compile(mode=None if engine.compile_mode == "default" else engine.compile_mode)  # lazy: at each new shape
-    return model, cache, cached
+    return model, cache
 
 
 def encode_image(image, fmt: str) -> bytes:
