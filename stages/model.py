@@ -192,7 +192,7 @@ class DiffEditModel:
         _check_max_batch(self.max_batch)  # it may have been set since
         t = self.family.model_time(t, n, self)
         step = max(1, (self.max_batch or k * n) // k)  # latents per denoiser call
-        if self._reuse is not None and self._reuse.active:
+        if self._reusing:
             self._reuse.next_step()
         shared = self._prefix.copies(k) if self.share_prefix and self._prefix else contextlib.nullcontext()
         outs = []
@@ -207,6 +207,11 @@ class DiffEditModel:
                 outs.append(out.unflatten(0, (k, s)))
         return torch.cat(outs, dim=1).flatten(0, 1)  # k blocks of n rows
 
+    @property
+    def _reusing(self) -> bool:
+        """Whether a :meth:`feature_reuse` block is on."""
+        return self._reuse is not None and self._reuse.active
+
     def feature_reuse(self, k: int, name: str = "cache_interval"):
         """A context in which each :meth:`predict` call is one step of a walk whose UNet runs in full every k-th step
         and reuses its deep features in between (stages/reuse.py); k = 1: every step in full. ``name``: the option
@@ -220,7 +225,7 @@ class DiffEditModel:
 
     def unet_forward(self, x_RChw, t_R, text_RLD, added=None) -> torch.Tensor:
         """The UNet's output (SD, SDXL families), through feature reuse when a :meth:`feature_reuse` block is on."""
-        if self._reuse is not None and self._reuse.active:
+        if self._reusing:
             return self._reuse(x_RChw, t_R, text_RLD, added)
         return self.denoiser(x_RChw, t_R, encoder_hidden_states=text_RLD, added_cond_kwargs=added).sample
 
