@@ -74,6 +74,7 @@ class DiffEditModel:
     share_prefix: bool = True
     _fingerprint: str | None = None
     _compiled: set = field(default_factory=set)  # the parts compile() has compiled
+    _graphs: bool = False  # compiled with CUDA graphs: a compiled call's output memory is reused by the next call
     _prefix: PromptFreePrefix = field(init=False, repr=False)
     _reuse: FeatureReuse | None = field(init=False, repr=False)
 
@@ -204,7 +205,7 @@ class DiffEditModel:
                     text = Text.cat([text_KB[j * n + i : j * n + i + s] for j in range(k)])
                     x = torch.cat([x] * k)  # cat, not repeat: it keeps the latents' memory layout, and so the UNet's rounding
                 out = self.family.forward(self, x, t[i : i + s].repeat(k), text, guidance)
-                outs.append(out.unflatten(0, (k, s)))
+                outs.append((out.clone() if self._graphs else out).unflatten(0, (k, s)))  # kept past the next call
         return torch.cat(outs, dim=1).flatten(0, 1)  # k blocks of n rows
 
     @property
@@ -249,6 +250,7 @@ class DiffEditModel:
         2.5% faster and cut its peak memory from 18.2 to 12.2 GiB (docs/BENCHMARKS.md).
         """
         parts = {"denoiser": self.denoiser}
+        self._graphs = self._graphs or mode == "reduce-overhead"
         if vae:
             parts.update(vae_encoder=self.vae.encoder, vae_decoder=self.vae.decoder)
         for name, module in parts.items():
@@ -277,7 +279,10 @@ class DiffEditModel:
         except ImportError as exc:
             raise ValueError("fp8 needs torchao (pip install 'diffedit[fp8]').") from exc
         granularity = PerRow() if self.dtype == torch.bfloat16 else PerTensor()
-        quantize_(self.denoiser, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=fp8_able)
+        # set_inductor_config=False: torchao's default turns on Inductor's coordinate-descent tuning of every kernel
+        # (an SD 1.5 compile ran past ten minutes) and TF32 matmuls, for the whole process.
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
+        quantize_(self.denoiser, config, filter_fn=fp8_able)
         return self
 
     # -- identity ---------------------------------------------------------------------------------

@@ -154,6 +154,27 @@ def test_reuse_keeps_each_denoiser_calls_own_features_and_batch_invariance(tiny_
     assert (other.latents_BChw - whole.latents_BChw).abs().max() > 5e-3  # the tolerance is far below reuse's effect
 
 
+def test_under_cuda_graphs_each_denoiser_output_outlives_the_next_call(tiny_model_dir, monkeypatch):
+    """With CUDA graphs (--compile-mode reduce-overhead) a compiled call returns the same output memory every time:
+    an edit that keeps a call's output past the next call (a step split over calls, the mask's samples) must copy
+    it. Emulated on the CPU: the UNet's output written into one buffer, as a captured graph does."""
+    model = load_model(tiny_model_dir, device="cpu", dtype="fp32", max_batch=2)  # 2 rows a call: a step is 2 calls
+    reference = edit(model)
+    real, static = model.unet_forward, {}
+
+    def one_buffer(*args, **kwargs):
+        out = real(*args, **kwargs)
+        buffer = static.setdefault(out.shape, torch.empty_like(out))
+        return buffer.copy_(out)
+
+    monkeypatch.setattr(model, "unet_forward", one_buffer)
+    overwritten = edit(model)
+    assert not torch.equal(overwritten.latents_BChw, reference.latents_BChw)  # what the error would have been
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)  # the mode, not a CPU compile
+    graphed = edit(model.compile(mode="reduce-overhead", vae=False))
+    assert torch.equal(graphed.latents_BChw, reference.latents_BChw)
+
+
 def test_reuse_and_dpm_are_refused_for_a_transformer(tmp_path):
     sd3 = load_model(build_tiny_sd3(tmp_path / "sd3", t5=False), device="cpu", dtype="fp32")
     with pytest.raises(ValueError, match="Feature reuse .* needs a UNet of the SD or SDXL kind; sd3"):
