@@ -12,7 +12,8 @@ job's ``--compile`` compiles it. Timed, in this order:
 2. the engine at its defaults, then every edit flag of ``--variants`` (the same compiled graphs: steps, solver;
    feature reuse compiles its split UNet once);
 3. each of ``--engine-variants``, which compile again: ``fp8`` (torchao, the denoiser's linear layers) and
-   ``cudagraphs`` (``torch.compile`` mode ``reduce-overhead``), each timed at the defaults and at ``--preset fast``.
+   ``cudagraphs`` (``torch.compile`` mode ``reduce-overhead``), each timed at the defaults and at ``--preset fast``;
+   with ``--no-compile``, fp8 runs eager (against the eager default).
 A variant that fails is recorded with its error and the run goes on. Writes ``fast_gpu_<device>.json`` (after
 every row) under --out and prints a markdown table; quality is bench/fast_gate.py's.
 """
@@ -20,6 +21,7 @@ every row) under --out and prints a markdown table; quality is bench/fast_gate.p
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 import tempfile
@@ -65,11 +67,14 @@ def recompile(model, mode: str | None) -> None:
     model.compile(mode=mode)
 
 
-def engine_variant(model, name: str) -> None:
+def engine_variant(model, name: str, compile: bool) -> None:
     if name == "fp8":
         model.to_fp8()
-        recompile(model, None)
+        if compile:
+            recompile(model, None)
     elif name == "cudagraphs":
+        if not compile:
+            raise ValueError("cudagraphs needs the engine compiled (leave out --no-compile).")
         recompile(model, "reduce-overhead")
     else:
         raise SystemExit(f"Unknown engine variant {name!r}: fp8 or cudagraphs.")
@@ -82,9 +87,14 @@ def main(argv=None) -> int:
     p.add_argument("--diffusers-n", type=int, default=12, help="images per diffusers call (default 12; 0: skip)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"from: {', '.join(VARIANTS)}")
     p.add_argument("--engine-variants", default="fp8,cudagraphs", help="fp8, cudagraphs (each compiles again)")
-    p.add_argument("--no-compile", action="store_true", help="time the engine eager (the CPU smoke run)")
+    p.add_argument("--engine-edits", default="default,preset fast", help="the edit variants each engine variant times")
+    p.add_argument("--no-compile", action="store_true", help="time the engine eager (the CPU smoke run; fp8 eager)")
+    p.add_argument("--dump-stacks", type=float, default=0, metavar="S",
+                   help="print every thread's Python stack every S seconds (where a long compile spends its time)")
     add_out_argument(p)
     args = p.parse_args(argv)
+    if args.dump_stacks:
+        faulthandler.dump_traceback_later(args.dump_stacks, repeat=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = build_model("tiny" if args.tiny else "sd15", device, dtype, Path(tempfile.mkdtemp(prefix="fast_gpu-")),
@@ -123,12 +133,12 @@ def main(argv=None) -> int:
             record(name, n, lambda: run_ours(model, x, config), params=VARIANTS[name])
         for engine in [v for v in args.engine_variants.split(",") if v]:
             try:
-                engine_variant(model, engine)
+                engine_variant(model, engine, not args.no_compile)
             except Exception as exc:
                 rows.append(dict(variant=engine, error=f"{type(exc).__name__}: {exc}"[:500]))
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-            for name in ("default", "preset fast"):
+            for name in [v for v in args.engine_edits.split(",") if v]:
                 config = base.replace(**VARIANTS[name])
                 record(f"{engine}, {name}", n, lambda: run_ours(model, x, config), params=VARIANTS[name], engine=engine)
     print(table(rows))
