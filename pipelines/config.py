@@ -41,12 +41,13 @@ class EngineConfig:
                                   "without a warm --compile-cache)")
     # reduce-overhead: CUDA graphs around each compiled call (fixed shapes; the job pads its batches).
     compile_mode: str = option("default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs; "
-                                          "not yet measured here) or max-autotune", choices=COMPILE_MODES)
+                                          "no faster at 32 edits a batch on an H200) or max-autotune",
+                               choices=COMPILE_MODES)
     # Every actor loads the folder's compiled graphs before compiling and adds those it built (stages/compile_cache.py).
     compile_cache: str | None = option(None, "folder of compiled graphs shared by every actor and run with --compile, "
                                              "on a path all nodes see (default: OUTPUT/compile-cache; 'off': none)")
     fp8: bool = option(False, "the denoiser's linear layers in float8 with dynamic scaling (torchao; CUDA compute "
-                              "capability 8.9+: Ada, Hopper, Blackwell)")
+                              "capability 8.9+: Ada, Hopper, Blackwell; slower than fp16 uncompiled)")
 
     def __post_init__(self):
         check(self.max_batch is None or self.max_batch >= 1, f"`--max-batch` must be >= 1 but is {self.max_batch}.")
