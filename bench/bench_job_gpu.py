@@ -24,6 +24,14 @@ difference is what scoring costs the GPU actor, so the most a separate scoring p
 
     python bench/bench_job_gpu.py --images 256 --batch-size 32 --engine-batches 0 --variants c,c-scores
 
+The job at a warm start (issue 20): the same job twice, each in a new Ray cluster with empty Inductor and Triton
+caches, the second reading the compile cache the first wrote, then the engine from that cache:
+
+    bash bench/on_gpu.sh python3 bench/bench_job_gpu.py --images 384 --engine-batches 2 --variants c,c --compile \
+        --compile-cache DIR --fresh-caches --engine-last
+    python bench/bench_job_gpu.py --tiny --images 48 --batch-size 8 --engine-batches 1 --variants c,c --compile \
+        --compile-cache DIR --fresh-caches --engine-last        # a smoke run on CPU
+
 Writes bench_job_gpu_<device>.json under --out, one row per variant as it finishes.
 """
 
