@@ -2,6 +2,7 @@
 the scenes `diffedit eval` and bench/quality.py report on (seed 0), so the reported numbers are not tuned on.
 
     python bench/tune_defaults.py [N] [--model DIR] > docs/quality/tuning.jsonl   # N one-object scenes (default 32)
+    python bench/tune_defaults.py --with steps=25 --with conditional_encoding=true   # options held fixed
 
 Grid: guidance {3, 5, 7.5} x encoding ratio {0.8, 0.9} x threshold {0.5, 0.75}; colour and shape edits, judged
 as `diffedit eval` judges them. Mask inference depends on none of the three except the threshold, so it runs
@@ -37,9 +38,13 @@ def main(argv=None) -> None:
     p.add_argument("--threshold", type=float, nargs="+", default=THRESHOLD, help=f"thresholds (default {THRESHOLD})")
     p.add_argument("--guidance", type=float, nargs="+", default=GUIDANCE, help=f"guidance scales (default {GUIDANCE})")
     p.add_argument("--encode-ratio", type=float, nargs="+", default=ENCODE_RATIO, help=f"default {ENCODE_RATIO}")
+    p.add_argument("--with", dest="fixed", action="append", default=[], metavar="OPTION=VALUE",
+                   help="an edit option held fixed over the grid, as in diffedit.json (a JSON value: steps=25, "
+                        "conditional_encoding=true); repeatable")
     args = p.parse_args(argv)
     model = load_model(args.model, device="cpu", dtype="fp32")
-    base = EditConfig()  # the paper's defaults; the grid varies three of them
+    fixed = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.fixed)}
+    base = EditConfig().replace(**fixed)  # the paper's defaults and --with; the grid varies three of them
     held = ev.heldout_scenes(args.n, seed=1)
     edits = ev.heldout_edits(held)
     recon = ev.vae_ceilings(model, held)
@@ -61,7 +66,7 @@ def main(argv=None) -> None:
             run = timed(edit_and_judge, warmup=0)
             s, soft_cache = run.result
             c, sh = s["by_kind"]["color"], s["by_kind"]["shape"]
-            row = dict(guidance=g, encode_ratio=r, threshold=thr, color=c["color_success"], shape=sh["shape_success"],
+            row = dict(**fixed, guidance=g, encode_ratio=r, threshold=thr, color=c["color_success"], shape=sh["shape_success"],
                        iou=c["mask_iou"], bg4=c["psnr_bg4"],
                        bg4_gap=round(c["psnr_bg4_vae_ceiling"] - c["psnr_bg4"], 2), seconds=round(run.steady_s))
             print(json.dumps(row), flush=True)
