@@ -79,6 +79,9 @@ def plan_job(job: JobConfig, log) -> Plan:
     spec = PromptSpec.load(job.input.prompts)
     probe = describe_model(model_path)  # recommended defaults + fingerprint, from the files
     job = _check_engine(job)
+    if job.engine.fp8 and not job.engine.compile:
+        log("note: --fp8 without --compile ran at 0.72x fp16's speed on an H200 (docs/BENCHMARKS.md): "
+            "only a compiled model fuses the activations' scaling into its matmuls")
     preset = resolve_preset(job.run.preset, probe["family"])
     edit = EditConfig.from_flat({**probe["recommended"], **preset}, **job.edit)
     sizes = _edit_sizes(edit, probe)

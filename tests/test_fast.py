@@ -232,6 +232,19 @@ def test_fp8_on_a_cpu_job_fails_at_once_in_one_line(tiny_model_dir, tmp_path, ca
     assert not (tmp_path / "out" / "run.json").exists()  # refused before anything was recorded
 
 
+def test_fp8_without_compile_gets_a_note_that_it_was_slower(tiny_model_dir, tmp_path):
+    from diffedit.pipelines.job import plan_job
+
+    shard = str(sorted(SAMPLES.glob("*.tar"))[0])
+    for compile in (False, True):
+        lines = []
+        job = JobConfig.from_flat([shard], tmp_path / f"o{compile}", model=str(tiny_model_dir), fp8=True, compile=compile)
+        plan_job(job, log=lines.append)
+        notes = [line for line in lines if "--fp8 without --compile" in line]
+        assert len(notes) == (0 if compile else 1), lines
+        assert compile or notes[0].startswith("note: --fp8 without --compile ran at 0.72x fp16's speed")
+
+
 def test_a_compile_cache_that_is_a_file_is_refused_and_a_relative_one_recorded_absolute(tiny_model_dir, tmp_path,
                                                                                          capsys, monkeypatch):
     from diffedit.pipelines.cli import main
