@@ -280,7 +280,7 @@ class DiffEditModel:
             raise ValueError("fp8 needs torchao (pip install 'diffedit[fp8]').") from exc
         granularity = PerRow() if self.dtype == torch.bfloat16 else PerTensor()
         # set_inductor_config=False: torchao's default turns on Inductor's coordinate-descent tuning of every kernel
-        # (an SD 1.5 compile ran past ten minutes) and TF32 matmuls, for the whole process.
+        # (an SD 1.5 compile did not finish inside a ten-minute command) and TF32 matmuls, for the whole process.
         config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
         quantize_(self.denoiser, config, filter_fn=fp8_able)
         return self
