@@ -126,11 +126,15 @@ class ResourceConfig:
 PRESETS = {"fast": (("sd", "sdxl"), {"steps": 25, "solver": "dpm", "cache_interval": 2})}
 
 
+def check_preset(name: str | None) -> None:
+    check(name is None or name in PRESETS, f"`--preset` must be one of {', '.join(PRESETS)} but is {name!r}.")
+
+
 def resolve_preset(name: str | None, family: str) -> dict:
     """The edit parameters of preset ``name`` for a model of ``family`` ({} for None)."""
+    check_preset(name)
     if name is None:
         return {}
-    check(name in PRESETS, f"`--preset` must be one of {', '.join(PRESETS)} but is {name!r}.")
     families, values = PRESETS[name]
     check(family in families, f"--preset {name} is defined for {', '.join(families)} models (measured on them "
                               f"only); this model is {family}. Set the flags one by one instead.")
@@ -156,8 +160,7 @@ class RunConfig:
 
     def __post_init__(self):
         check(self.limit is None or self.limit >= 1, f"`--limit` must be >= 1 but is {self.limit}.")
-        check(self.preset is None or self.preset in PRESETS,
-              f"`--preset` must be one of {', '.join(PRESETS)} but is {self.preset!r}.")
+        check_preset(self.preset)
 
 
 # The components of a job: name -> config class. The names are run.json's sections and JobConfig's fields.

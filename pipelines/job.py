@@ -102,12 +102,14 @@ def plan_job(job: JobConfig, log) -> Plan:
     return Plan(job, shards, spec, edit, str(model_path), run)
 
 
+FP8_NEEDS_GPU = "--fp8 needs GPU actors (CUDA compute capability 8.9+), but "
+
+
 def _check_engine(job: JobConfig) -> JobConfig:
     """Engine options refused before any work; the compile cache's folder made absolute (actors run elsewhere)."""
     engine = job.engine
     if engine.fp8 and engine.device == "cpu":
-        raise ValueError("--fp8 needs GPU actors (CUDA compute capability 8.9+), but this job runs on the CPU "
-                         "(--device cpu).")
+        raise ValueError(FP8_NEEDS_GPU + "this job runs on the CPU (--device cpu).")
     if not engine.compile or engine.compile_cache in (None, "off"):
         return job
     folder = Path(engine.compile_cache).expanduser().resolve()
@@ -166,7 +168,7 @@ def _resources(ray, job: JobConfig) -> tuple[int, dict, int]:
     gpus = 0 if on_cpu else ray.cluster_resources().get("GPU", 0) or (r.num_gpus or 0) * r.gpus_per_actor
     if not gpus:
         if job.engine.fp8:
-            raise ValueError("--fp8 needs GPU actors (CUDA compute capability 8.9+), but the Ray cluster has no GPU.")
+            raise ValueError(FP8_NEEDS_GPU + "the Ray cluster has no GPU.")
         return r.cpu_actors, dict(num_cpus=1), r.calls_in_flight or 1
     actors = r.num_gpus or max(1, int(gpus // r.gpus_per_actor))
     return actors, dict(num_gpus=r.gpus_per_actor), r.calls_in_flight or CALLS_IN_FLIGHT

@@ -35,6 +35,10 @@ def check(ok: bool, message: str) -> None:
 SOLVERS = ("ddim", "dpm")  # stages/schedules.py walks the levels with each
 
 
+def check_solver(solver: str) -> None:
+    check(solver in SOLVERS, f"`solver` must be one of {', '.join(SOLVERS)} but is {solver!r}.")
+
+
 def check_interval(k, name: str) -> int:
     """``k`` as an int, if it is an integer >= 1 (NumPy's too; not a bool, a float or a string)."""
     check(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1,
@@ -97,7 +101,7 @@ class EncodeConfig:
         check(self.guidance >= 1.0, f"`encode_guidance` must be >= 1 but is {self.guidance}.")
         check(self.shift is None or self.shift > 0, f"`shift` must be > 0 but is {self.shift}.")
         check(self.method in ("ddim", "noise"), f"`encode_method` must be ddim or noise but is {self.method!r}.")
-        check(self.solver in SOLVERS, f"`solver` must be one of {', '.join(SOLVERS)} but is {self.solver!r}.")
+        check_solver(self.solver)
         object.__setattr__(self, "cache_interval", check_interval(self.cache_interval, "encode_cache_interval"))
         check(
             self.conditional or self.guidance == 1.0,

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .config import SOLVERS
+from .config import check_solver
 
 
 def img2img_start(num_steps: int, strength: float) -> int:
@@ -45,8 +45,7 @@ class DDIMSchedule:
     def __init__(self, scheduler_config: dict, num_steps: int, encode_steps: int, solver: str = "ddim"):
         from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-        if solver not in SOLVERS:
-            raise ValueError(f"`solver` must be one of {', '.join(SOLVERS)} but is {solver!r}.")
+        check_solver(solver)
         self.forward = DDIMScheduler.from_config(scheduler_config)
         self.forward.set_timesteps(num_steps)
         self.inverse = DDIMInverseScheduler.from_config(scheduler_config)
