@@ -12,6 +12,8 @@
 # optimizers, new warm-up). With BACKUP_DIR set it leaves there, in parts of 15 MB:
 #   resume.tar.part-*   what the next command needs (EMA weights and progress of both)
 #   result.tar.part-*   the exported models (RUN_DIR/ldm2/model, RUN_DIR/flow/model), logs, curves, metrics
+# UNET_ARGS and FLOW_ARGS add options to the two trainers, e.g. FLOW_ARGS="--init-flow models/shapes-flow" trains
+# the shipped flow model further and UNET_ARGS="--unet-lr 1e-4" lowers the UNet's peak rate (docs/TRAINING.md).
 # Run from the repository root. What the machine lacks (diffusers) is installed from the wheels in $WHEELS
 # (default .whl) by bench/on_gpu.sh, which also makes the repository importable and then runs this script again.
 set -euo pipefail
@@ -26,9 +28,9 @@ if [ ! -f "$run/ldm2/ckpt/progress.json" ] && [ -n "$restore" ] && ls "$restore"
   echo "restored $(du -sh "$run" | cut -f1) from $restore"
 fi
 common=(--init models/shapes-ldm --minutes "$minutes" --pool 150000 --pool-cache "$run/pool" --resume)
-python3 -m diffedit.shapes.train_flow --out "$run/flow" --total-minutes "$flow" "${common[@]}" >> "$run/flow.log" 2>&1 &
+python3 -m diffedit.shapes.train_flow --out "$run/flow" --total-minutes "$flow" "${common[@]}" ${FLOW_ARGS:-} >> "$run/flow.log" 2>&1 &
 flow_pid=$!
-python3 -m diffedit.shapes.train --out "$run/ldm2" --unet-minutes "$unet" --unet-lr 2e-4 "${common[@]}" 2>&1 \
+python3 -m diffedit.shapes.train --out "$run/ldm2" --unet-minutes "$unet" --unet-lr 2e-4 "${common[@]}" ${UNET_ARGS:-} 2>&1 \
   | grep -v "should be kept in float32" | tee -a "$run/ldm2.log"
 wait "$flow_pid" || { tail -30 "$run/flow.log"; exit 1; }
 grep -v -i "warn\|cannot be saved\|shards" "$run/flow.log" | tail -4
