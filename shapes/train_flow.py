@@ -35,9 +35,9 @@ from diffedit.stages.families import SD3_T5_TOKENS
 
 # Recommended DiffEdit defaults of the flow model (the `diffedit run` option names). Steps: the paper's 50 (the SD3
 # family's default is its pipelines' 28). Threshold and encoding ratio: chosen on the tuning scenes (seed 1) by
-# bench/tune_defaults.py (docs/quality/flow/tuning.jsonl, docs/QUALITY.md): 0.75 tightened the mask at the same
-# success, and r = 0.7 recoloured more than 0.8 (41% against 31%) with the same colour + shape total.
-FLOW_DEFAULTS = {"steps": 50, "threshold": 0.75, "encode_ratio": 0.7}
+# bench/tune_defaults.py for the shipped weights (docs/quality/flow/tuning.jsonl, docs/QUALITY.md): threshold 0.75
+# tightened the mask at the same success, and r = 0.8 had the most colour + shape successes and the most background.
+FLOW_DEFAULTS = {"steps": 50, "threshold": 0.75, "encode_ratio": 0.8}
 
 
 @dataclass
