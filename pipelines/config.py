@@ -47,7 +47,8 @@ class EngineConfig:
     compile_cache: str | None = option(None, "folder of compiled graphs shared by every actor and run with --compile, "
                                              "on a path all nodes see (default: OUTPUT/compile-cache; 'off': none)")
     fp8: bool = option(False, "the denoiser's linear layers in float8 with dynamic scaling (torchao; CUDA compute "
-                              "capability 8.9+: Ada, Hopper, Blackwell; fp16's speed compiled at SD 1.5 scale, slower uncompiled)")
+                              "capability 8.9+: Ada, Hopper, Blackwell; compiled, as fast as fp16 at SD 1.5 scale; "
+                              "slower uncompiled)")
 
     def __post_init__(self):
         check(self.max_batch is None or self.max_batch >= 1, f"`--max-batch` must be >= 1 but is {self.max_batch}.")
