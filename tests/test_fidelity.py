@@ -160,8 +160,12 @@ def test_images_of_several_sizes_in_one_call_each_at_their_own(tiny_model):
     alone = [DiffEditor(tiny_model, FAST).edit([im], "a red circle", "a blue circle", keys=[k])[0]
              for im, k in zip(images, "abcd")]
     assert [r.edit_size[0] > r.edit_size[1] for r in results] == [True, False, False, True]
-    for r, a in zip(results, alone):  # grouped by edit size, a batch changes nothing
-        assert np.array_equal(np.asarray(r.image), np.asarray(a.image))
+    for r, a in zip(results, alone):  # grouped by edit size, a batch changes nothing but float rounding
+        assert np.array_equal(np.asarray(r.mask), np.asarray(a.mask))
+        # batched BLAS and conv kernels sum in a batch-size-dependent order (tests/test_engine.py): the 8-bit
+        # images agree to within one level, in a handful of pixels at most
+        diff = np.abs(np.asarray(r.image).astype(int) - np.asarray(a.image).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).sum())
 
 
 @pytest.mark.skipif(not SHIPPED_MODEL.is_dir(), reason="the shipped model is not in this checkout")
