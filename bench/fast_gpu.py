@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-edits", default="default,preset fast", help="the edit variants each engine variant times")
     p.add_argument("--no-compile", action="store_true", help="time the engine eager (the CPU smoke run; fp8 eager)")
     p.add_argument("--dump-stacks", type=float, default=0, metavar="S",
-                   help="print every thread's Python stack every S seconds (where a long compile spends its time)")
+                   help="print every thread's Python stack every S seconds (where a long compile spends its time; "
+                        "faulthandler, which crashed once while printing a compile's stacks on an H200)")
     add_out_argument(p)
     args = p.parse_args(argv)
     if args.dump_stacks:

@@ -22,7 +22,7 @@ for us, name in sorted(((int(c), n) for _, c, n in rows), reverse=True)[:25]: pr
 PY
 site=$(python3 -c "import diffusers, os; print(os.path.dirname(os.path.dirname(diffusers.__file__)))")
 if ls -d "$site"/torchao >/dev/null 2>&1; then
-  mkdir -p /tmp/aside && mv "$site"/torchao* /tmp/aside/
+  aside=$(mktemp -d) && mv "$site"/torchao* "$aside"/
   python3 -c "$code"; python3 -c "$code"
-  mv /tmp/aside/* "$site"/
+  mv "$aside"/* "$site"/ && rmdir "$aside"
 fi
