@@ -12,6 +12,8 @@
 # optimizers, new warm-up). With BACKUP_DIR set it leaves there, in parts of 15 MB:
 #   resume.tar.part-*   what the next command needs (EMA weights and progress of both)
 #   result.tar.part-*   the exported models (RUN_DIR/ldm2/model, RUN_DIR/flow/model), logs, curves, metrics
+# BACKUP_RESUME names the trainers whose resume files are kept (default "ldm2 flow"; empty: none, e.g. when a larger
+# UNet's fp32 EMA would not fit in BACKUP_DIR's limits and the next command runs on the same machine, from RUN_DIR).
 # UNET_ARGS and FLOW_ARGS add options to the two trainers, e.g. FLOW_ARGS="--init-flow models/shapes-flow" trains
 # the shipped flow model further and UNET_ARGS="--unet-lr 1e-4" lowers the UNet's peak rate (docs/TRAINING.md).
 # Run from the repository root. What the machine lacks (diffusers) is installed from the wheels in $WHEELS
@@ -41,8 +43,8 @@ if [ -n "$backup" ]; then
   keep=(ldm2/ckpt/progress.json ldm2/ckpt/ema_unet.safetensors ldm2/ckpt/ema_text.safetensors ldm2/loss_unet.csv ldm2.log
         flow/ckpt/progress.json flow/ckpt/ema_transformer.safetensors flow/ckpt/ema_text.safetensors
         flow/ckpt/ema_text_2.safetensors flow/loss_flow.csv flow.log)
-  existing=(); for f in "${keep[@]}"; do [ -e "$run/$f" ] && existing+=("$f"); done
-  tar cf - -C "$run" "${existing[@]}" | split -b 15m - "$backup/resume.tar.part-"
+  existing=(); for f in "${keep[@]}"; do [ -e "$run/$f" ] && [[ " ${BACKUP_RESUME-ldm2 flow} " == *" ${f%%[/.]*} "* ]] && existing+=("$f"); done
+  [ ${#existing[@]} -gt 0 ] && tar cf - -C "$run" "${existing[@]}" | split -b 15m - "$backup/resume.tar.part-"
   tar cf - -C "$run" ldm2/model ldm2/metrics.json ldm2/loss_unet.csv ldm2.log flow/model flow/metrics.json \
     flow/loss_flow.csv flow.log 2>/dev/null | split -b 15m - "$backup/result.tar.part-" || true
   ls -la "$backup"

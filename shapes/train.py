@@ -44,6 +44,7 @@ from diffedit.stages import scores
 # the object's area at the paper's threshold 0.5; 0.75 gave the same edit success with a tighter mask (IoU 0.49
 # -> 0.61) and 1.3 dB more background. Guidance stays the paper's 7.5.
 DIFFEDIT_DEFAULTS = {"threshold": 0.75}
+UNET_CHANNELS = (64, 96, 128)  # the shipped UNet's block widths (4.8 M parameters)
 
 
 @dataclass
@@ -66,13 +67,14 @@ class TrainConfig:
     workers: int = 0  # scene-generation processes; 0: all CPUs
     pool_cache: str | None = None  # a folder where the pool is saved once, for trainers running side by side
     init: str | None = None  # a saved Stable Diffusion folder to continue (VAE kept, UNet + text encoder trained on)
+    unet_channels: tuple[int, int, int] | None = None  # a fresh UNet of these block widths (with init: in its place)
     eval_scenes: int = 512  # held-out scenes (seed 0) for the VAE's PSNR
 
 
 # -- models ---------------------------------------------------------------------------------------------
 
-def build_models(tokenizer):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def build_models(tokenizer, channels: tuple[int, int, int] = UNET_CHANNELS):
+    from diffusers import AutoencoderKL
 
     from .tiny import clip_text_encoder, sd_ddim_scheduler
 
@@ -89,19 +91,25 @@ def build_models(tokenizer):
         sample_size=scenes.SIZE,
     )
     text_encoder = clip_text_encoder(tokenizer, width=128, mlp_width=512, heads=4, max_positions=tokenizer.model_max_length)
-    unet = UNet2DConditionModel(
+    return vae, text_encoder, build_unet(channels), sd_ddim_scheduler()
+
+
+def build_unet(channels: tuple[int, int, int] = UNET_CHANNELS):
+    """A fresh UNet on the 16 x 16 x 4 latents, cross-attending to the 128-wide text encoder on its two upper levels."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
         sample_size=scenes.SIZE // 4,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(64, 96, 128),
+        block_out_channels=tuple(channels),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=128,
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    return vae, text_encoder, unet, sd_ddim_scheduler()
 
 
 def load_init(folder: str):
@@ -478,6 +486,9 @@ def main(argv=None) -> int:
     p.add_argument("--pool", type=int, default=defaults.pool, help="training scenes generated per invocation")
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"training scene seed offset (seeds are {scenes.TRAIN_SEED_MIN:,} + this)")
     p.add_argument("--init", default=None, help="a saved model folder to train further (its VAE is kept as it is)")
+    p.add_argument("--unet-channels", default=None, type=lambda v: tuple(int(c) for c in v.split(",")),
+                   help="block widths of a fresh UNet, e.g. 128,192,256 (default 64,96,128); with --init, the saved "
+                   "UNet is replaced by a fresh one of these widths and the VAE and text encoder are kept")
     p.add_argument("--unet-lr", type=float, default=defaults.unet_lr, help="peak learning rate of the UNet phase")
     p.add_argument("--pool-cache", default=None, help="folder to share the generated scenes with trainers running beside")
     p.add_argument("--unet-batch", type=int, default=defaults.unet_batch)
@@ -489,7 +500,7 @@ def main(argv=None) -> int:
         out=args.out, vae_minutes=args.vae_minutes, unet_minutes=args.unet_minutes, minutes=args.minutes,
         resume=args.resume, pool=args.pool, seed=args.seed, unet_batch=args.unet_batch, vae_batch=args.vae_batch,
         workers=args.workers, eval_scenes=args.eval_scenes, init=args.init, unet_lr=args.unet_lr,
-        pool_cache=args.pool_cache,
+        pool_cache=args.pool_cache, unet_channels=args.unet_channels,
     )
     start, deadline, out, device = start_run(cfg.out, cfg.minutes)
 
@@ -497,9 +508,11 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.seed)
     if cfg.init:
         vae, text_encoder, unet, scheduler, tokenizer = load_init(cfg.init)
+        if cfg.unet_channels:
+            unet = build_unet(cfg.unet_channels)
     else:
         tokenizer = make_tokenizer(out / "tokenizer_src")
-        vae, text_encoder, unet, scheduler = build_models(tokenizer)
+        vae, text_encoder, unet, scheduler = build_models(tokenizer, cfg.unet_channels or UNET_CHANNELS)
     ckpt = Checkpoint(out)
     progress = ckpt.progress() if cfg.resume else {}
     if cfg.init and not progress:  # the VAE is the saved one: straight to the UNet phase
