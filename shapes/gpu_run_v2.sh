@@ -15,7 +15,9 @@
 # BACKUP_RESUME names the trainers whose resume files are kept (default "ldm2 flow"; empty: none, e.g. when a larger
 # UNet's fp32 EMA would not fit in BACKUP_DIR's limits and the next command runs on the same machine, from RUN_DIR).
 # UNET_ARGS and FLOW_ARGS add options to the two trainers, e.g. FLOW_ARGS="--init-flow models/shapes-flow" trains
-# the shipped flow model further and UNET_ARGS="--unet-lr 1e-4" lowers the UNet's peak rate (docs/TRAINING.md).
+# the shipped flow model further, UNET_ARGS="--unet-lr 1e-4" lowers the UNet's peak rate and
+# UNET_ARGS="--unet-channels 128,192,256 --unet-lr 4e-4" trains a fresh, larger UNet beside the shipped model's VAE and
+# text encoder instead of continuing its UNet (docs/TRAINING.md).
 # Run from the repository root. What the machine lacks (diffusers) is installed from the wheels in $WHEELS
 # (default .whl) by bench/on_gpu.sh, which also makes the repository importable and then runs this script again.
 set -euo pipefail

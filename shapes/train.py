@@ -1,4 +1,4 @@
-"""Train the shapes world's latent diffusion model from scratch, on one GPU, offline.
+r"""Train the shapes world's latent diffusion model from scratch, on one GPU, offline.
 
 Two phases, each with a time budget (minutes of training, summed over resumed invocations):
 1. the VAE (AutoencoderKL, 64x64x3 -> 16x16x4): L1 + L2 reconstruction + a small KL term;
@@ -17,7 +17,12 @@ across several time-limited commands (``--resume``). The result is a Stable Diff
     python -m diffedit.shapes.train --out runs/ldm2 --init models/shapes-ldm --unet-minutes 17 --unet-lr 2e-4
 
 ``--init`` continues a saved model (its VAE kept frozen, its UNet and text encoder trained further with a fresh
-optimizer and schedule): the "more steps" way to a stronger model (docs/TRAINING.md).
+optimizer and schedule): the "more steps" way to a stronger model (docs/TRAINING.md). With ``--unet-channels`` it
+keeps the saved VAE and text encoder and trains a fresh UNet of those block widths in place of the saved one: the
+"larger UNet" way.
+
+    python -m diffedit.shapes.train --out runs/large --init models/shapes-ldm --unet-channels 128,192,256 \
+        --unet-minutes 22
 
 Tensor names carry their shapes: B batch, C channels, H/W height/width, L tokens.
 """
@@ -475,6 +480,17 @@ def _copy_ema(module, path: Path):
             p.copy_(state[f"{i}"])
 
 
+def _unet_channels(value: str) -> tuple[int, int, int]:
+    """``--unet-channels``: three block widths, each a multiple of the UNet's 32 norm groups."""
+    try:
+        channels = tuple(int(c) for c in value.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) != 3 or any(c <= 0 or c % 32 for c in channels):
+        raise argparse.ArgumentTypeError(f"{value!r}: three comma-separated multiples of 32, e.g. 128,192,256")
+    return channels
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffedit.shapes.train", description=__doc__.split("\n\n")[0])
     defaults = TrainConfig(out="")
@@ -486,7 +502,7 @@ def main(argv=None) -> int:
     p.add_argument("--pool", type=int, default=defaults.pool, help="training scenes generated per invocation")
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"training scene seed offset (seeds are {scenes.TRAIN_SEED_MIN:,} + this)")
     p.add_argument("--init", default=None, help="a saved model folder to train further (its VAE is kept as it is)")
-    p.add_argument("--unet-channels", default=None, type=lambda v: tuple(int(c) for c in v.split(",")),
+    p.add_argument("--unet-channels", default=None, type=_unet_channels,
                    help="block widths of a fresh UNet, e.g. 128,192,256 (default 64,96,128); with --init, the saved "
                    "UNet is replaced by a fresh one of these widths and the VAE and text encoder are kept")
     p.add_argument("--unet-lr", type=float, default=defaults.unet_lr, help="peak learning rate of the UNet phase")
