@@ -174,8 +174,11 @@ def test_status_export_best_only_and_where(k3, tmp_path, capsys):
     want = df[df.best & (df.clip_image >= threshold)]
     assert 0 < len(want) < 6, "the threshold should keep some best rows and drop others"
     assert {m["edit_id"] for m in exported("--where", where)} == set(want.edit_id)
-    assert {m["edit_id"] for m in exported("--where", "not best and sample_index == 2")} == set(
-        df[~df.best & (df.sample_index == 2)].edit_id)
+    # never empty, whichever rows are best (near-tied scores can make every edit's best the same sample_index):
+    # each edit has two rows that are not best, and at most one of them is sample 0
+    not_best = df[~df.best & (df.sample_index >= 1)]
+    assert len(not_best) >= 6
+    assert {m["edit_id"] for m in exported("--where", "not best and sample_index >= 1")} == set(not_best.edit_id)
 
 
 def test_resume_after_a_kill_gives_exactly_k_rows_per_edit(shards, tiny_model_dir, tmp_path, kill_part_way):
